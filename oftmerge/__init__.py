@@ -1,0 +1,33 @@
+"""oftmerge: merge PEFT OFT adapters on the orthogonal group (OrthoMerge).
+
+>>> import oftmerge
+>>> result = oftmerge.merge_adapters(["adapters/oft-upper", "adapters/oft-reverse"])  # doctest: +SKIP
+>>> print(result.summary())  # doctest: +SKIP
+>>> result.save("merged-adapter")  # doctest: +SKIP
+"""
+
+from oftmerge._version import __version__
+from oftmerge.errors import (
+    AdapterFormatError,
+    IncompatibleAdaptersError,
+    NumericalError,
+    OftMergeError,
+    OutputExistsError,
+)
+from oftmerge.formats import OftAdapter, read_adapter
+from oftmerge.merge import MergeResult, merge_adapters
+from oftmerge.methods import available_methods
+
+__all__ = [
+    "AdapterFormatError",
+    "IncompatibleAdaptersError",
+    "MergeResult",
+    "NumericalError",
+    "OftAdapter",
+    "OftMergeError",
+    "OutputExistsError",
+    "__version__",
+    "available_methods",
+    "merge_adapters",
+    "read_adapter",
+]

@@ -1,0 +1,184 @@
+"""Low-level file I/O: lazy tensor sources and atomic output directories.
+
+* :class:`TensorFile` reads one tensor at a time from a ``.safetensors`` file
+  (``safe_open``) or, safely (``weights_only=True``), from a PyTorch ``.bin``.
+* :func:`atomic_directory` builds an output directory under a temporary name
+  beside the target and moves it into place only when everything was written,
+  so a failed or killed run never leaves something that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oftmerge.errors import AdapterFormatError, OutputExistsError
+
+__all__ = ["TensorFile", "atomic_directory", "atomic_write_bytes", "read_json", "write_json_atomic"]
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class TensorFile:
+    """Lazy, read-only access to the tensors of one checkpoint file."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise AdapterFormatError(f"{self.path}: file not found")
+        self._bin: dict[str, torch.Tensor] | None = None
+        self._handle: Any = None
+        if self.path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                self._handle = safe_open(str(self.path), framework="pt")
+                self._keys = list(self._handle.keys())
+            except Exception as exc:  # safetensors raises several types for corrupt files
+                raise AdapterFormatError(
+                    f"{self.path}: not a readable safetensors file ({exc}). Re-save it with "
+                    "`save_pretrained(...)` or check that the download was complete."
+                ) from exc
+        else:
+            try:
+                loaded = torch.load(str(self.path), map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise AdapterFormatError(
+                    f"{self.path}: cannot be read as a PyTorch state dict with weights_only=True ({exc}). "
+                    "oftmerge never unpickles arbitrary objects; convert the file to safetensors first."
+                ) from exc
+            if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+                raise AdapterFormatError(f"{self.path}: expected a dict of tensors, got {type(loaded).__name__}")
+            self._bin = loaded
+            self._keys = list(loaded)
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._keys
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if self._bin is not None:
+            return tuple(self._bin[key].shape)
+        return tuple(self._handle.get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> torch.dtype:
+        if self._bin is not None:
+            return self._bin[key].dtype
+        name = self._handle.get_slice(key).get_dtype()
+        try:
+            return _SAFETENSORS_DTYPES[name]
+        except KeyError:
+            raise AdapterFormatError(f"{self.path}: tensor {key!r} has dtype {name}, which oftmerge does not handle") from None
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise AdapterFormatError(f"{self.path}: no tensor named {key!r}")
+        if self._bin is not None:
+            return self._bin[key]
+        return self._handle.get_tensor(key)
+
+    def metadata(self) -> dict[str, str]:
+        if self._handle is None:
+            return {}
+        return dict(self._handle.metadata() or {})
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise AdapterFormatError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFormatError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise AdapterFormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory that becomes ``target`` on success.
+
+    The temporary directory lives beside ``target`` (same file system, so the
+    final move is a rename). On any exception it is removed and ``target`` is
+    untouched. An existing ``target`` raises :class:`OutputExistsError` unless
+    ``overwrite`` is true; then it is replaced only after the new one is
+    complete (moved aside, the new one renamed in, the old one deleted).
+    """
+    target = Path(target).absolute()
+    if target.exists() and not overwrite:
+        raise OutputExistsError(
+            f"{target}: already exists; choose another output path or pass overwrite=True (--overwrite)"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    try:
+        yield tmp
+        for child in tmp.iterdir():
+            if child.is_file():
+                with open(child, "rb") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+            os.rmdir(old)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

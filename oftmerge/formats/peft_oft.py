@@ -1,0 +1,392 @@
+"""Read OFT adapters written by any PEFT release into one frozen description.
+
+PEFT changed its OFT checkpoint layout twice and its Cayley–Neumann series
+once. :func:`read_adapter` detects which release wrote a checkpoint (from the
+config's ``peft_version`` when present, else from the tensor layout) and
+returns an :class:`OftAdapter`: what was read, per module. Generators are
+loaded lazily, one module at a time, with :meth:`OftAdapter.generator`.
+
+===============  ======================================  ================  ========  ==========================
+release family   tensor(s) per module                    shape             side      generator Q of a block
+===============  ======================================  ================  ========  ==========================
+``0.13``         ``<m>.oft_r``                           (r, b, b)         output    0.5 (A - A^T)
+``0.15``         ``<m>.oft_r``, ``<m>.oft_s``            (r, b, b), (o,1)  input     0.5 (A - A^T), rows scaled
+``0.16``         ``<m>.oft_R.weight``                    (r, b(b-1)/2)     input     U - U^T
+``0.18``         as 0.16, + ``<m>.oft_embedding_R...``   (r, b(b-1)/2)     input     U - U^T
+===============  ======================================  ================  ========  ==========================
+
+``0.13`` stands for 0.7–0.13, ``0.15`` for 0.14–0.15, ``0.16`` for 0.16–0.17
+and ``0.18`` for 0.18 and later (the Neumann series changed in 0.18).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from packaging.version import InvalidVersion, Version
+
+from oftmerge.errors import AdapterFormatError, IncompatibleAdaptersError, NumericalError
+from oftmerge.formats.io import TensorFile, read_json
+from oftmerge.linalg import RotationMap, block_size_from_packed, coft_project, skew_from_full, unpack_skew
+
+__all__ = ["RELEASES", "ModuleSpec", "OftAdapter", "read_adapter", "release_family"]
+
+log = logging.getLogger(__name__)
+
+Release = Literal["0.13", "0.15", "0.16", "0.18"]
+#: Release families, oldest first, with the PEFT versions each covers.
+RELEASES: dict[str, str] = {"0.13": "0.7-0.13", "0.15": "0.14-0.15", "0.16": "0.16-0.17", "0.18": "0.18+"}
+
+KEY_PREFIX = "base_model.model."
+_SUFFIXES = {
+    ".oft_R.weight": ("packed", "linear"),
+    ".oft_embedding_R.weight": ("packed", "embedding"),
+    ".oft_r": ("full", "linear"),
+}
+_SCALE_SUFFIX = ".oft_s"
+_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def release_family(version: str) -> Release:
+    """Map a PEFT version string (``"0.17.1"``, ``"0.18.0@abc"``) to its release family."""
+    try:
+        v = Version(version.partition("@")[0])
+    except InvalidVersion:
+        raise AdapterFormatError(f"cannot parse PEFT version {version!r}") from None
+    if v < Version("0.14.0"):
+        return "0.13"
+    if v < Version("0.16.0"):
+        return "0.15"
+    if v < Version("0.18.0"):
+        return "0.16"
+    return "0.18"
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One adapted module as stored: where its tensors are and how to read them."""
+
+    name: str  #: module path in the base model, e.g. ``model.layers.0.self_attn.q_proj``
+    kind: Literal["linear", "embedding"]  #: ``linear`` also covers Conv2d (flattened kernel)
+    side: Literal["input", "output"]  #: which axis of the weight is rotated
+    block_size: int
+    rows: int  #: stored blocks (1 with block_share)
+    shared: bool
+    features: int | None  #: width of the rotated axis; None when unknown (block_share, no base)
+    key: str
+    scale_key: str | None = None  #: PEFT 0.14-0.15 ``oft_s``
+    out_features: int | None = None
+    coft_radius: float | None = None  #: COFT projection radius, None when COFT is off
+
+    @property
+    def num_blocks(self) -> int | None:
+        """Number of diagonal blocks in the module's rotation (None when unknown)."""
+        if not self.shared:
+            return self.rows
+        return None if self.features is None else self.features // self.block_size
+
+
+@dataclass(frozen=True)
+class OftAdapter:
+    """What was read from one adapter directory (frozen; tensors are loaded lazily)."""
+
+    path: Path
+    weights_path: Path
+    release: Release
+    release_source: str  #: how the release was decided, for messages and reports
+    peft_version: str | None
+    rotation_map: RotationMap
+    config: Mapping[str, Any]
+    modules: Mapping[str, ModuleSpec]
+    _file: TensorFile = field(repr=False, compare=False)
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    @property
+    def side(self) -> str:
+        return "output" if self.release == "0.13" else "input"
+
+    def generator(self, name: str) -> torch.Tensor:
+        """The effective skew generator blocks ``(rows, b, b)`` of module ``name``, float64.
+
+        Effective means what PEFT turns into a rotation: COFT's projection is
+        applied, and the stored sign is kept (``rotation_map.sign`` tells the
+        sign of the ideal rotation).
+        """
+        spec = self.modules[name]
+        raw = self._file.get(spec.key).to(torch.float64)
+        if not bool(torch.isfinite(raw).all()):
+            raise NumericalError(
+                f"{self.weights_path}: module {name!r} ({spec.key}) contains NaN or Inf values; "
+                "the adapter is broken (re-train or re-export it)"
+            )
+        if spec.side == "input" and self.release in ("0.16", "0.18"):
+            q = unpack_skew(raw)
+            if spec.coft_radius is not None:
+                q = coft_project(q, spec.coft_radius)
+            return q
+        if spec.coft_radius is not None:  # PEFT <= 0.15 projects the raw matrix, then skews it
+            raw = coft_project(raw, spec.coft_radius)
+        return skew_from_full(raw)
+
+    def dtype(self, name: str) -> torch.dtype:
+        """Stored dtype of module ``name``'s generator tensor."""
+        return self._file.dtype(self.modules[name].key)
+
+    def scale(self, name: str) -> torch.Tensor | None:
+        """PEFT 0.14–0.15's per-output-row scale ``oft_s`` ``(out, 1)``, float64, or None."""
+        spec = self.modules[name]
+        if spec.scale_key is None:
+            return None
+        s = self._file.get(spec.scale_key).to(torch.float64)
+        if not bool(torch.isfinite(s).all()):
+            raise NumericalError(f"{self.weights_path}: {spec.scale_key} contains NaN or Inf values")
+        return s
+
+    def has_nontrivial_scale(self) -> bool:
+        return any(
+            (s := self.scale(n)) is not None and not bool((s == 1).all()) for n in self.modules
+        )
+
+
+def _find_weights(path: Path) -> Path:
+    for name in _WEIGHT_FILES:
+        if (path / name).is_file():
+            return path / name
+    raise AdapterFormatError(
+        f"{path}: no adapter weights found (looked for {', '.join(_WEIGHT_FILES)}). "
+        "Point oftmerge at the directory that `save_pretrained` wrote."
+    )
+
+
+def _module_name(key: str, suffix: str) -> str:
+    name = key[: -len(suffix)]
+    return name[len(KEY_PREFIX) :] if name.startswith(KEY_PREFIX) else name
+
+
+def _decide_release(
+    path: Path, config: Mapping[str, Any], layouts: set[str], override: str | None
+) -> tuple[Release, str, str | None]:
+    recorded = config.get("peft_version")
+    if override is not None:
+        family = release_family(override) if override not in RELEASES else override
+        return family, f"given by the caller ({override})", recorded  # type: ignore[return-value]
+    if recorded:
+        family = release_family(str(recorded))
+        return family, f"peft_version {recorded} in adapter_config.json", str(recorded)
+    if "packed" in layouts:
+        log.info(
+            "%s: adapter_config.json records no peft_version: assuming PEFT 0.16-0.17 "
+            "(peft_version is recorded since 0.18); pass peft_release to override",
+            path,
+        )
+        return "0.16", "packed oft_R layout without peft_version (assumed PEFT 0.16-0.17)", None
+    if "scale" in layouts:
+        return "0.15", "oft_r with oft_s (PEFT 0.14-0.15 layout)", None
+    if "oft_block_size" in config:
+        return "0.15", "oft_r with oft_block_size in the config (PEFT 0.14-0.15 layout)", None
+    return "0.13", "oft_r without oft_s nor oft_block_size (PEFT 0.7-0.13 layout)", None
+
+
+def _rotation_map(config: Mapping[str, Any], release: Release) -> RotationMap:
+    if release in ("0.13", "0.15"):
+        return RotationMap("exact")
+    if config.get("use_cayley_neumann", True):  # default True since 0.16 (whatever the docstring says)
+        return RotationMap("neumann", int(config.get("num_cayley_neumann_terms", 5)), release)
+    return RotationMap("exact")
+
+
+def _coft_radius(
+    config: Mapping[str, Any], release: Release, rows: int, block: int, features: int | None, out: int | None
+) -> float | None:
+    """The norm bound COFT enforces on each block, as each release computes it."""
+    if not config.get("coft", False):
+        return None
+    eps = float(config.get("eps", 6e-5))
+    if release == "0.13":
+        eps = eps * block * block  # eps * ceil(out / r)^2, and b = ceil(out / r) there
+    elif release == "0.15":
+        if out is None or features is None:
+            return math.nan
+        r = features // block
+        eps = eps * math.ceil(out / r) ** 2
+    return eps / math.sqrt(rows)
+
+
+def read_adapter(
+    path: str | Path,
+    *,
+    peft_release: str | None = None,
+    base_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> OftAdapter:
+    """Read the OFT adapter in directory ``path`` (as written by PEFT's ``save_pretrained``).
+
+    ``peft_release`` overrides the detected release (a version such as
+    ``"0.17.1"`` or a family name ``"0.16"``); it matters for checkpoints with
+    the packed layout that record no ``peft_version``, which are assumed to
+    come from PEFT 0.16–0.17. ``base_shapes`` maps base weight names
+    (``model.layers.0.mlp.up_proj.weight``) to shapes and lets the reader know
+    the width of ``block_share`` modules and check the adapter fits the base.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        if path.name in _WEIGHT_FILES or path.name == "adapter_config.json":
+            path = path.parent
+        else:
+            raise AdapterFormatError(f"{path}: not a directory; pass the adapter directory that save_pretrained wrote")
+    config = read_json(path / "adapter_config.json")
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "OFT":
+        hint = ""
+        if peft_type in ("LORA", "ADALORA", "LOHA", "LOKR"):
+            hint = " For LoRA experts use the orthogonal-residual decoupling path (`oftmerge decouple`)."
+        elif peft_type == "BOFT":
+            hint = " BOFT (butterfly OFT) is not supported yet."
+        raise AdapterFormatError(
+            f"{path / 'adapter_config.json'}: peft_type is {config.get('peft_type')!r}, not 'OFT'.{hint}"
+        )
+    weights_path = _find_weights(path)
+    tf = TensorFile(weights_path)
+
+    found: dict[str, tuple[str, str, str]] = {}
+    scales: dict[str, str] = {}
+    extra: list[str] = []
+    for key in tf.keys():
+        if key.endswith(_SCALE_SUFFIX):
+            scales[_module_name(key, _SCALE_SUFFIX)] = key
+            continue
+        for suffix, (layout, kind) in _SUFFIXES.items():
+            if key.endswith(suffix):
+                found[_module_name(key, suffix)] = (key, layout, kind)
+                break
+        else:
+            extra.append(key)
+    if extra:
+        raise AdapterFormatError(
+            f"{weights_path}: holds tensors that are not OFT rotations ({', '.join(extra[:3])}"
+            f"{', ...' if len(extra) > 3 else ''}): trained biases or modules_to_save cannot be merged on "
+            "the orthogonal group. Remove them from the adapter (retrain with bias='none' and no "
+            "modules_to_save) or merge those tensors separately."
+        )
+    if not found:
+        raise AdapterFormatError(f"{weights_path}: no OFT tensors (oft_R / oft_r) found; is this an OFT adapter?")
+    layouts = {layout for _, layout, _ in found.values()}
+    if scales:
+        layouts.add("scale")
+    if len(layouts - {"scale"}) > 1:
+        raise AdapterFormatError(f"{weights_path}: mixes packed (oft_R) and full (oft_r) OFT tensors")
+    release, source, recorded = _decide_release(path, config, layouts, peft_release)
+    packed = "packed" in layouts
+    if packed != (release in ("0.16", "0.18")):
+        raise AdapterFormatError(
+            f"{weights_path}: tensor layout ({'packed oft_R' if packed else 'full oft_r'}) does not match the "
+            f"release decided from {source}; fix peft_version in adapter_config.json or pass peft_release"
+        )
+    shared = bool(config.get("block_share", False))
+    rmap = _rotation_map(config, release)
+
+    modules: dict[str, ModuleSpec] = {}
+    for name, (key, layout, kind) in sorted(found.items()):
+        shape = tf.shape(key)
+        where = f"{weights_path}: module {name!r} ({key}, shape {shape})"
+        if layout == "packed":
+            if len(shape) != 2:
+                raise AdapterFormatError(f"{where}: expected (blocks, b*(b-1)/2)")
+            try:
+                b = block_size_from_packed(shape[1])
+            except ValueError as exc:
+                raise AdapterFormatError(f"{where}: {exc}") from None
+        else:
+            if len(shape) != 3 or shape[1] != shape[2]:
+                raise AdapterFormatError(f"{where}: expected (blocks, b, b)")
+            b = shape[1]
+        rows = shape[0]
+        if shared and rows != 1:
+            raise AdapterFormatError(f"{where}: block_share is set in the config but {rows} blocks are stored")
+        scale_key = scales.get(name)
+        out = tf.shape(scale_key)[0] if scale_key else None
+        features = None if shared else rows * b
+        if shared and release == "0.13" and int(config.get("r", 0) or 0) > 0:
+            features = int(config["r"]) * b  # 0.7-0.13: r blocks of ceil(out / r), padded
+        if base_shapes is not None:
+            features = _check_against_base(where, name, kind, release, b, rows, shared, features, base_shapes)
+        radius = _coft_radius(config, release, rows, b, features, out)
+        if radius is not None and math.isnan(radius):
+            raise IncompatibleAdaptersError(
+                f"{where}: COFT with block_share in a PEFT 0.14-0.15 adapter needs the layer width; "
+                "pass the base model (--base) so oftmerge can read it"
+            )
+        modules[name] = ModuleSpec(
+            name=name,
+            kind=kind,  # type: ignore[arg-type]
+            side="output" if release == "0.13" else "input",
+            block_size=b,
+            rows=rows,
+            shared=shared,
+            features=features,
+            key=key,
+            scale_key=scale_key,
+            out_features=out,
+            coft_radius=radius,
+        )
+    stray = sorted(set(scales) - set(found))
+    if stray:
+        raise AdapterFormatError(f"{weights_path}: oft_s without oft_r for module(s) {', '.join(stray)}")
+    return OftAdapter(
+        path=path,
+        weights_path=weights_path,
+        release=release,
+        release_source=source,
+        peft_version=recorded,
+        rotation_map=rmap,
+        config=dict(config),
+        modules=modules,
+        _file=tf,
+    )
+
+
+def rotated_width(weight_shape: tuple[int, ...], kind: str, side: str) -> int:
+    """Width of the axis PEFT rotates for a base weight of this shape."""
+    if kind == "embedding":
+        return weight_shape[1]
+    if side == "output":
+        return weight_shape[0]
+    return int(math.prod(weight_shape[1:]))  # in_features (* k * k for Conv2d)
+
+
+def _check_against_base(
+    where: str,
+    name: str,
+    kind: str,
+    release: str,
+    b: int,
+    rows: int,
+    shared: bool,
+    features: int | None,
+    base_shapes: Mapping[str, tuple[int, ...]],
+) -> int:
+    wkey = f"{name}.weight"
+    if wkey not in base_shapes:
+        raise IncompatibleAdaptersError(
+            f"{where}: the base model has no weight {wkey!r}; this adapter was trained on another base model"
+        )
+    side = "output" if release == "0.13" else "input"
+    width = rotated_width(base_shapes[wkey], kind, side)
+    if release == "0.13":  # r blocks of ceil(out / r), the padding cut off when folding
+        ok = features is None or (features >= width > features - b)
+    else:
+        ok = width % b == 0 and (shared or rows * b == width)
+    if not ok:
+        raise IncompatibleAdaptersError(
+            f"{where}: does not fit base weight {wkey} of shape {tuple(base_shapes[wkey])} "
+            f"(rotated width {width}); the adapter belongs to another base model"
+        )
+    return width if release != "0.13" else (features if features is not None else width)

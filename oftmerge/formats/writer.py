@@ -1,0 +1,154 @@
+"""Write OFT adapters that stock PEFT loads, and choose a block configuration PEFT will honour.
+
+PEFT's OFT config has one ``oft_block_size`` (or ``r``) for the whole adapter
+and adjusts it per layer to a divisor of the layer's width. A merged adapter
+may need different block sizes per module (inputs with different block
+sizes are merged on a common, coarser grid), so :func:`choose_block_config`
+searches for one config value that PEFT turns into an acceptable block size
+for every module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oftmerge.errors import IncompatibleAdaptersError
+from oftmerge.formats.io import atomic_directory, write_json_atomic
+
+__all__ = ["BlockConfig", "adjust_oft_parameter", "choose_block_config", "peft_block_size", "write_adapter_dir"]
+
+#: Keys PEFT 0.18+ writes in an OFT adapter_config.json (checked by a test against the installed PEFT).
+CURRENT_CONFIG_TEMPLATE: dict[str, Any] = {
+    "auto_mapping": None,
+    "base_model_name_or_path": None,
+    "bias": "none",
+    "block_share": False,
+    "coft": False,
+    "eps": 6e-05,
+    "exclude_modules": None,
+    "fan_in_fan_out": False,
+    "inference_mode": True,
+    "init_weights": True,
+    "layers_pattern": None,
+    "layers_to_transform": None,
+    "module_dropout": 0.0,
+    "modules_to_save": None,
+    "num_cayley_neumann_terms": 5,
+    "oft_block_size": 32,
+    "peft_type": "OFT",
+    "peft_version": "0.18.0",
+    "r": 0,
+    "revision": None,
+    "target_modules": None,
+    "task_type": None,
+    "use_cayley_neumann": True,
+}
+
+
+def adjust_oft_parameter(features: int, value: int) -> int:
+    """PEFT's ``adjust_oft_parameters``: the divisor of ``features`` nearest to ``value``."""
+    if value < features:
+        higher = value
+        while higher <= features and features % higher != 0:
+            higher += 1
+    else:
+        return features
+    lower = value
+    while lower > 1 and features % lower != 0:
+        lower -= 1
+    return lower if (value - lower) <= (higher - value) else higher
+
+
+def peft_block_size(features: int, r: int, oft_block_size: int) -> int:
+    """The block size PEFT (>= 0.14) uses for a layer of this width under this config."""
+    if r == 0 and oft_block_size != 0:
+        if features % oft_block_size != 0 or oft_block_size > features:
+            oft_block_size = adjust_oft_parameter(features, oft_block_size)
+        return oft_block_size
+    if r != 0 and oft_block_size == 0:
+        if features % r != 0 or r > features:
+            r = adjust_oft_parameter(features, r)
+        return features // r
+    raise ValueError("exactly one of r and oft_block_size must be non-zero")
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    r: int
+    oft_block_size: int
+    sizes: Mapping[str, int]  #: block size PEFT will use, per module
+
+
+def choose_block_config(grids: Mapping[str, tuple[int, int]], prefer: tuple[int, int] | None = None) -> BlockConfig:
+    """One ``(r, oft_block_size)`` whose per-layer adjustment gives, for every module, a multiple of its grid.
+
+    ``grids`` maps module -> ``(features, grid)``; the block size chosen for a
+    module must be a multiple of ``grid`` (a generator on a grid of small blocks
+    is exactly a generator on any coarser grid) and divide ``features``. Among
+    valid configs the one with the fewest parameters wins; ``prefer`` (the
+    inputs' own config) is taken when it is valid and as small.
+    """
+
+    pairs: dict[tuple[int, int], int] = {}
+    for pair in grids.values():  # many modules share a (width, grid): evaluate each pair once
+        pairs[pair] = pairs.get(pair, 0) + 1
+
+    def sizes_for(r: int, bs: int) -> dict[tuple[int, int], int] | None:
+        out = {}
+        for features, grid in pairs:
+            b = peft_block_size(features, r, bs)
+            if b % grid:
+                return None
+            out[(features, grid)] = b
+        return out
+
+    candidates: list[tuple[int, int]] = []
+    if prefer is not None:
+        candidates.append(prefer)
+    for features, grid in pairs:
+        for d in range(grid, features + 1, grid):
+            if features % d == 0:
+                candidates.append((0, d))
+                candidates.append((features // d, 0))
+    best: tuple[int, tuple[int, int], dict[tuple[int, int], int]] | None = None
+    for cand in dict.fromkeys(candidates):
+        sizes = sizes_for(*cand)
+        if sizes is None:
+            continue
+        key = sum(count * pair[0] * (sizes[pair] - 1) for pair, count in pairs.items())
+        if best is None or key < best[0]:
+            best = (key, cand, sizes)
+    if best is None:
+        detail = ", ".join(f"{n} (width {f}, needs a multiple of {g})" for n, (f, g) in list(grids.items())[:6])
+        raise IncompatibleAdaptersError(
+            "no single OFT block size that PEFT would apply to every module fits the merged block grids: "
+            f"{detail}. Merge fewer adapters at once, or fold into the base model instead (--fold-into), "
+            "which has no such constraint."
+        )
+    sizes = {name: best[2][pair] for name, pair in grids.items()}
+    return BlockConfig(r=best[1][0], oft_block_size=best[1][1], sizes=sizes)
+
+
+def write_adapter_dir(
+    target: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    *,
+    extra_files: Mapping[str, bytes] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (+ extras) atomically."""
+    from safetensors.torch import save_file
+
+    target = Path(target)
+    with atomic_directory(target, overwrite=overwrite) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        write_json_atomic(tmp / "adapter_config.json", dict(config))
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+    return target

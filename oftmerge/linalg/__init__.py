@@ -1,0 +1,41 @@
+"""so(d) and SO(d) math on batches of blocks, shape ``(blocks, b, b)``.
+
+Pure functions over tensors: nothing here opens a file or knows about PEFT's
+checkpoint layouts. Solves run in float64; callers cast results back.
+"""
+
+from oftmerge.linalg.cayley import (
+    RotationMap,
+    cayley,
+    coft_project,
+    inverse_cayley,
+    neumann_series,
+)
+from oftmerge.linalg.groups import (
+    karcher_mean,
+    log_orthogonal,
+    polar,
+    regrid_blocks,
+)
+from oftmerge.linalg.skew import (
+    block_size_from_packed,
+    pack_skew,
+    skew_from_full,
+    unpack_skew,
+)
+
+__all__ = [
+    "RotationMap",
+    "block_size_from_packed",
+    "cayley",
+    "coft_project",
+    "inverse_cayley",
+    "karcher_mean",
+    "log_orthogonal",
+    "neumann_series",
+    "pack_skew",
+    "polar",
+    "regrid_blocks",
+    "skew_from_full",
+    "unpack_skew",
+]

@@ -1,0 +1,597 @@
+"""Merge several OFT adapters into one: planning, the per-module merge, and the result.
+
+The public entry point is :func:`merge_adapters`. It reads every input with
+:func:`oftmerge.formats.read_adapter`, plans the output (union of modules, a
+block grid PEFT can express, the rotation map, the output layout), then
+streams module by module: load each input's generator, bring it to the
+canonical sign and the output grid, apply the merge method, check it, and
+pack it for the output layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oftmerge._version import __version__
+from oftmerge.errors import IncompatibleAdaptersError, NumericalError, OftMergeError
+from oftmerge.formats.checkpoint import Checkpoint
+from oftmerge.formats.peft_oft import KEY_PREFIX, RELEASES, ModuleSpec, OftAdapter, read_adapter
+from oftmerge.formats.writer import CURRENT_CONFIG_TEMPLATE, BlockConfig, choose_block_config, write_adapter_dir
+from oftmerge.linalg import RotationMap, pack_skew, regrid_blocks
+from oftmerge.methods import MergeMethod, get_method
+
+__all__ = ["MergeResult", "ModuleReport", "merge_adapters", "resolve_rotation_map"]
+
+log = logging.getLogger(__name__)
+
+#: A Neumann-series rotation with ||R^T R - I||_F above this (worst block) gets a warning.
+NEUMANN_ORTHO_WARN = 1e-2
+
+AdapterLike = str | os.PathLike[str] | OftAdapter
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    path: str
+    sha256: str
+    release: str
+    release_source: str
+    rotation_map: str
+    modules: int
+    weight: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class ModuleReport:
+    """What happened to one module: which inputs, norms, the method's statistics."""
+
+    name: str
+    inputs: tuple[int, ...]  #: indices into ``MergeResult.inputs``
+    input_block_sizes: tuple[int, ...]
+    block_size: int
+    input_norms: tuple[float, ...]  #: ||Q_i||_F over the whole module (canonical, effective)
+    merged_norm: float
+    stats: Mapping[str, Any]
+    ortho_error: float  #: worst block ||R^T R - I||_F of the rotation PEFT will apply
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["stats"] = dict(self.stats)
+        return d
+
+
+@dataclass
+class MergeResult:
+    """The merged adapter (in memory) and a report of what the merge did."""
+
+    method: str
+    options: dict[str, Any]
+    scale: float
+    inputs: list[InputInfo]
+    layout: str  #: "0.18" (current packed layout), "0.15" or "0.13" (legacy layouts)
+    rotation_map: RotationMap
+    block_config: BlockConfig | None
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    modules: dict[str, ModuleReport] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    saved_to: Path | None = None
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def provenance(self) -> dict[str, Any]:
+        """Everything needed to know how this adapter was made (no timestamps: re-runs give the same bytes)."""
+        versions = {"oftmerge": __version__, "torch": torch.__version__.split("+")[0]}
+        try:
+            import peft
+
+            versions["peft"] = peft.__version__
+        except ImportError:  # pragma: no cover - peft is optional for the core
+            pass
+        return {
+            "tool": "oftmerge",
+            "versions": versions,
+            "method": self.method,
+            "options": self.options,
+            "scale": self.scale,
+            "rotation_map": self.rotation_map.describe(),
+            "layout": RELEASES[self.layout],
+            "inputs": [i.to_dict() for i in self.inputs],
+            "warnings": self.warnings,
+        }
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write the merged adapter to ``path`` atomically; refuse to write over an input."""
+        if self.dry_run:
+            raise OftMergeError("this is a dry-run result: nothing was merged, nothing can be saved")
+        target = Path(path).absolute()
+        for info in self.inputs:
+            src = Path(info.path).absolute()
+            if target == src or src.is_relative_to(target):
+                raise OftMergeError(
+                    f"{target}: the output would replace input adapter {src}; inputs are never modified. "
+                    "Choose another output directory."
+                )
+        prov = self.provenance()
+        prov["modules"] = {n: r.to_dict() for n, r in self.modules.items()}
+        extra = {"oftmerge.json": (json.dumps(prov, indent=2, sort_keys=True) + "\n").encode()}
+        try:
+            from oftmerge.hub import adapter_card
+
+            extra["README.md"] = adapter_card(self).encode()
+        except ImportError:  # pragma: no cover
+            pass
+        write_adapter_dir(target, self.tensors, self.config, extra_files=extra, overwrite=overwrite)
+        self.saved_to = target
+        return target
+
+    def summary(self, max_modules: int = 12) -> str:
+        """A human-readable account of the merge (the CLI prints this)."""
+        lines = [f"method: {self.method}" + (f" {self.options}" if self.options else "") + (f", scale {self.scale}" if self.scale != 1 else "")]
+        for i, info in enumerate(self.inputs):
+            lines.append(
+                f"  input {i}: {info.path}  (PEFT {RELEASES[info.release]}, {info.rotation_map}, "
+                f"{info.modules} modules, weight {info.weight:g})"
+            )
+        bc = self.block_config
+        grid = "" if bc is None else (f", oft_block_size={bc.oft_block_size}" if bc.oft_block_size else f", r={bc.r}")
+        lines.append(
+            f"output: PEFT {RELEASES[self.layout]} layout, {self.rotation_map.describe()}{grid}, "
+            f"{len(self.modules)} modules, {self.output_bytes / 1e6:.2f} MB"
+        )
+        if not self.dry_run and self.modules:
+            lines.append(f"  {'module':<48} {'inputs':>6} {'b':>4} {'|Q_i| (mean)':>12} {'|Q_merged|':>10} {'c':>7} {'|RtR-I|':>8}")
+            reports = list(self.modules.values())
+            for r in reports[:max_modules]:
+                mean_in = sum(r.input_norms) / len(r.input_norms)
+                c = r.stats.get("c")
+                lines.append(
+                    f"  {r.name[-48:]:<48} {len(r.inputs):>6} {r.block_size:>4} {mean_in:>12.4g} {r.merged_norm:>10.4g} "
+                    f"{'' if c is None else f'{c:.3f}':>7} {r.ortho_error:>8.2g}"
+                )
+            if len(reports) > max_modules:
+                lines.append(f"  ... {len(reports) - max_modules} more modules")
+        for w in self.warnings:
+            lines.append(f"warning: {w}")
+        return "\n".join(lines)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_rotation_map(maps: Sequence[RotationMap], choice: str, layout: str) -> tuple[RotationMap, list[str]]:
+    """The map the output is written for: ``choice`` is ``auto``, ``exact``, ``neumann`` or ``neumann:N``."""
+    notes: list[str] = []
+    if layout in ("0.13", "0.15"):
+        if choice not in ("auto", "exact"):
+            raise OftMergeError(f"PEFT {RELEASES[layout]} adapters only know the exact Cayley map; got cayley={choice!r}")
+        return RotationMap("exact"), notes
+    unique = list(dict.fromkeys(maps))
+    if choice == "exact":
+        return RotationMap("exact"), notes
+    if choice.startswith("neumann"):
+        _, _, n = choice.partition(":")
+        if n:
+            try:
+                terms = int(n)
+            except ValueError:
+                raise OftMergeError(f"cayley={choice!r}: expected neumann:N with an integer N") from None
+        else:
+            terms_in = {m.terms for m in unique if m.kind == "neumann"}
+            terms = terms_in.pop() if len(terms_in) == 1 else 5
+        return RotationMap("neumann", terms, "0.18"), notes
+    if choice != "auto":
+        raise OftMergeError(f"cayley must be 'auto', 'exact', 'neumann' or 'neumann:N', got {choice!r}")
+    if len(unique) > 1:
+        notes.append(
+            "inputs use different rotation maps (" + "; ".join(m.describe() for m in unique) + "): the output uses the "
+            "exact Cayley map, the only one that is a true rotation; pass cayley='neumann' to keep the series"
+        )
+        return RotationMap("exact"), notes
+    m = unique[0]
+    if m.kind == "neumann" and m.variant == "0.16":
+        notes.append(
+            f"inputs use PEFT 0.16-0.17's Cayley-Neumann series; PEFT >= 0.18 reads every OFT adapter with its own, "
+            f"slightly different series, so the output is written for that one ({m.terms} terms); fold into the base "
+            "model instead to keep the inputs' exact behaviour"
+        )
+        return RotationMap("neumann", m.terms, "0.18"), notes
+    return m, notes
+
+
+@dataclass(frozen=True)
+class _ModulePlan:
+    name: str
+    kind: str
+    entries: tuple[tuple[int, ModuleSpec], ...]
+    features: int | None
+    grid: int
+
+
+def _lcm(values: Sequence[int]) -> int:
+    out = 1
+    for v in values:
+        out = out * v // math.gcd(out, v)
+    return out
+
+
+def _plan_modules(adapters: Sequence[OftAdapter]) -> list[_ModulePlan]:
+    names = sorted(set().union(*(a.modules for a in adapters)))
+    plans = []
+    for name in names:
+        entries = tuple((i, a.modules[name]) for i, a in enumerate(adapters) if name in a.modules)
+        kinds = {s.kind for _, s in entries}
+        if len(kinds) > 1:
+            raise IncompatibleAdaptersError(f"module {name!r} is an embedding in one adapter and a linear layer in another")
+        widths = {s.features for _, s in entries if s.features is not None}
+        if len(widths) > 1:
+            detail = ", ".join(f"{adapters[i].path} has width {s.features}" for i, s in entries)
+            raise IncompatibleAdaptersError(
+                f"module {name!r}: the adapters disagree on the layer's width ({detail}); they were trained on "
+                "different base models and cannot be merged"
+            )
+        features = widths.pop() if widths else None
+        grid = _lcm([s.block_size for _, s in entries])
+        if features is not None and features % grid:
+            sizes = ", ".join(f"{adapters[i].path}: {s.block_size}" for i, s in entries)
+            raise IncompatibleAdaptersError(
+                f"module {name!r} (width {features}): block sizes {sizes} have no common grid "
+                f"(their least common multiple {grid} does not divide {features}). Merge adapters with "
+                "compatible block sizes (one a multiple of the other, dividing the width)."
+            )
+        plans.append(_ModulePlan(name, kinds.pop(), entries, features, grid))
+    return plans
+
+
+def _output_layout(adapters: Sequence[OftAdapter]) -> str:
+    sides = {a.side for a in adapters}
+    if len(sides) > 1:
+        old = [str(a.path) for a in adapters if a.side == "output"]
+        raise IncompatibleAdaptersError(
+            f"{', '.join(old)}: PEFT 0.7-0.13 adapters rotate the output side of each layer, newer ones the input "
+            "side; the two cannot be merged into one adapter. Fold each into the base model instead."
+        )
+    if sides == {"output"}:
+        return "0.13"
+    if any(a.release == "0.15" and a.has_nontrivial_scale() for a in adapters):
+        return "0.15"
+    return "0.18"
+
+
+def _block_config(
+    adapters: Sequence[OftAdapter], plans: Sequence[_ModulePlan], layout: str
+) -> tuple[BlockConfig, bool]:
+    shared = all(bool(a.config.get("block_share", False)) for a in adapters)
+    configs = {(int(a.config.get("r", 0) or 0), int(a.config.get("oft_block_size", 0) or 0)) for a in adapters}
+    if layout == "0.13":
+        for p in plans:
+            if len({(s.block_size, s.rows) for _, s in p.entries}) > 1:
+                raise IncompatibleAdaptersError(
+                    f"module {p.name!r}: PEFT 0.7-0.13 adapters with different block layouts cannot be merged "
+                    "into one adapter of that release; fold them into the base model instead"
+                )
+        r = configs.pop()[0] if len(configs) == 1 else 0
+        return BlockConfig(r=r, oft_block_size=0, sizes={p.name: p.grid for p in plans}), shared
+    unknown = [p for p in plans if p.features is None]
+    prefer = next(iter(configs)) if len(configs) == 1 else None
+    if unknown:
+        same_blocks = all(len({s.block_size for _, s in p.entries}) == 1 for p in plans)
+        if prefer is not None and same_blocks and shared:
+            return BlockConfig(prefer[0], prefer[1], {p.name: p.grid for p in plans}), shared
+        raise IncompatibleAdaptersError(
+            f"module {unknown[0].name!r}: block_share adapters do not store the layer width, and these adapters "
+            "need a common block grid; pass the base model (base=... / --base DIR) so oftmerge can read the widths"
+        )
+    grids = {p.name: (p.features, p.grid) for p in plans}
+    return choose_block_config(grids, prefer=prefer), shared  # type: ignore[arg-type]
+
+
+def _output_config(
+    adapters: Sequence[OftAdapter],
+    plans: Sequence[_ModulePlan],
+    layout: str,
+    rmap: RotationMap,
+    blocks: BlockConfig,
+    shared: bool,
+    warnings: list[str],
+) -> dict[str, Any]:
+    def common(key: str) -> Any:
+        values = [a.config.get(key) for a in adapters]
+        first = values[0]
+        return first if all(v == first for v in values) else None
+
+    task_types = {a.config.get("task_type") for a in adapters}
+    if len(task_types) > 1:
+        warnings.append(f"inputs have different task_type values {sorted(map(str, task_types))}: the output has none")
+    same_targets = all(set(a.modules) == set(adapters[0].modules) for a in adapters) and all(
+        common(k) is not None or all(a.config.get(k) is None for a in adapters)
+        for k in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
+    )
+    if layout == "0.18":
+        config = dict(CURRENT_CONFIG_TEMPLATE)
+        try:
+            import peft
+            from packaging.version import Version
+
+            if Version(peft.__version__.partition("@")[0]) >= Version("0.18.0"):
+                config["peft_version"] = peft.__version__
+        except ImportError:  # pragma: no cover
+            pass
+        config["use_cayley_neumann"] = rmap.kind == "neumann"
+        config["num_cayley_neumann_terms"] = rmap.terms if rmap.kind == "neumann" else 5
+    else:
+        config = dict(adapters[0].config)
+    config.update(
+        {
+            "peft_type": "OFT",
+            "base_model_name_or_path": adapters[0].base_model,
+            "task_type": task_types.pop() if len(task_types) == 1 else None,
+            "revision": common("revision"),
+            "auto_mapping": common("auto_mapping"),
+            "block_share": shared,
+            "coft": False,  # COFT's projection is applied on reading; the merged generator is stored as is
+            "module_dropout": 0.0,
+            "inference_mode": True,
+            "bias": "none",
+            "modules_to_save": None,
+            "fan_in_fan_out": False,
+        }
+    )
+    if layout != "0.13":
+        config["r"] = blocks.r
+        config["oft_block_size"] = blocks.oft_block_size
+    if same_targets:
+        for k in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"):
+            value = adapters[0].config.get(k)
+            config[k] = sorted(value) if isinstance(value, (list, set, tuple)) else value
+    else:
+        config["target_modules"] = sorted(p.name for p in plans)
+        config.update(exclude_modules=None, layers_to_transform=None, layers_pattern=None)
+    return config
+
+
+def _to_grid(q: torch.Tensor, spec: ModuleSpec, shared_out: bool, features: int | None, block: int) -> torch.Tensor:
+    """Bring stored blocks ``(rows, b, b)`` to the output grid ``block`` (shared or all blocks)."""
+    if spec.shared and not shared_out:
+        assert features is not None
+        q = q.expand(features // spec.block_size, -1, -1)
+    elif spec.shared and shared_out:
+        q = q.expand(block // spec.block_size, -1, -1)
+    return regrid_blocks(q.contiguous(), block)
+
+
+def _module_norm(q: torch.Tensor, spec: ModuleSpec) -> float:
+    norm = float(torch.linalg.matrix_norm(q).square().sum().sqrt())
+    n = spec.num_blocks
+    return norm * math.sqrt(n) if spec.shared and n else norm
+
+
+def _ortho_error(r: torch.Tensor) -> float:
+    eye = torch.eye(r.shape[-1], dtype=r.dtype)
+    return float(torch.linalg.matrix_norm(r.transpose(-2, -1) @ r - eye).max())
+
+
+def merge_adapters(
+    adapters: Sequence[AdapterLike],
+    *,
+    method: str = "orthomerge",
+    weights: Sequence[float] | None = None,
+    scale: float = 1.0,
+    cayley: str = "auto",
+    method_options: Mapping[str, Any] | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    base: str | os.PathLike[str] | None = None,
+    peft_release: str | Sequence[str | None] | None = None,
+    allow_base_mismatch: bool = False,
+    dry_run: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> MergeResult:
+    """Merge OFT adapters into one OFT adapter, module by module, in so(b).
+
+    Args:
+        adapters: adapter directories (as written by PEFT's ``save_pretrained``)
+            or already-read :class:`~oftmerge.formats.OftAdapter` objects.
+        method: a registered merge method (``oftmerge.available_methods()``):
+            ``orthomerge`` (default), ``mean_q``, ``mean_r``, ``sequential``, ``karcher``.
+        weights: one per adapter. For every method but ``sequential`` only
+            their ratios matter; a negative weight inverts that adapter's
+            rotation (task negation). ``sequential`` scales each generator.
+        scale: multiplies the merged generator (``alpha``; 1 keeps the
+            magnitude the method chose).
+        cayley: map of the output: ``auto`` (the inputs' own when they agree,
+            else exact), ``exact``, ``neumann`` or ``neumann:N``.
+        method_options: the method's own options (see its registry entry).
+        out_dir: if given, the merged adapter is written there atomically.
+        overwrite: allow replacing an existing ``out_dir`` (never an input).
+        base: optional base model directory; its tensor shapes are checked
+            against the adapters and give the width of ``block_share`` layers.
+        peft_release: override the detected PEFT release (one value for all
+            inputs, or one per input), for checkpoints that do not record it.
+        allow_base_mismatch: merge adapters whose configs name different
+            base models (shapes are still checked).
+        dry_run: only plan: read configs and tensor shapes, report what would be
+            written, load no generator.
+        progress: called as ``progress(done, total, module)`` after each module.
+
+    Returns:
+        A :class:`MergeResult`: ``.tensors`` and ``.config`` of the merged
+        adapter, ``.modules`` (per-module report), ``.summary()``, ``.save()``.
+
+    >>> result = merge_adapters(["adapters/oft-upper", "adapters/oft-reverse"])  # doctest: +SKIP
+    >>> result.save("merged")  # doctest: +SKIP
+    """
+    if len(adapters) == 0:
+        raise OftMergeError("no adapters given: pass at least one adapter directory")
+    if not math.isfinite(scale):
+        raise OftMergeError(f"scale must be a finite number, got {scale!r}")
+    releases = list(peft_release) if isinstance(peft_release, (list, tuple)) else [peft_release] * len(adapters)
+    if len(releases) != len(adapters):
+        raise OftMergeError(f"peft_release: got {len(releases)} values for {len(adapters)} adapters")
+    base_shapes = Checkpoint(base).shapes() if base is not None else None
+    read = [
+        a if isinstance(a, OftAdapter) else read_adapter(a, peft_release=rel, base_shapes=base_shapes)
+        for a, rel in zip(adapters, releases)
+    ]
+    if weights is None:
+        weights = [1.0] * len(read)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(read):
+        raise OftMergeError(f"got {len(weights)} weights for {len(read)} adapters; give one weight per adapter")
+    for a, w in zip(read, weights):
+        if not math.isfinite(w) or w == 0:
+            raise OftMergeError(f"weight {w!r} for {a.path}: weights must be finite and non-zero (drop the adapter instead of weight 0)")
+    meth: MergeMethod = get_method(method)
+    options = meth.resolve_options(dict(method_options or {}))
+
+    hashes = [_sha256(a.weights_path) for a in read]
+    order = list(range(len(read)))
+    if not meth.order_matters:  # a canonical order makes float sums independent of the order given
+        order.sort(key=lambda i: (hashes[i], str(read[i].path), weights[i]))
+    read = [read[i] for i in order]
+    weights = [weights[i] for i in order]
+    hashes = [hashes[i] for i in order]
+
+    names = {a.base_model for a in read} - {None}
+    if len(names) > 1 and not allow_base_mismatch:
+        raise IncompatibleAdaptersError(
+            "the adapters name different base models (" + ", ".join(f"{a.path}: {a.base_model}" for a in read)
+            + "); pass allow_base_mismatch=True (--allow-base-mismatch) if they are the same model saved at "
+            "different paths"
+        )
+
+    warnings: list[str] = []
+    layout = _output_layout(read)
+    rmap, notes = resolve_rotation_map([a.rotation_map for a in read], cayley, layout)
+    warnings += notes
+    plans = _plan_modules(read)
+    blocks, shared = _block_config(read, plans, layout)
+    config = _output_config(read, plans, layout, rmap, blocks, shared, warnings)
+    inputs = [
+        InputInfo(str(a.path), h, a.release, a.release_source, a.rotation_map.describe(), len(a.modules), w)
+        for a, h, w in zip(read, hashes, weights)
+    ]
+    result = MergeResult(
+        method=meth.name,
+        options=options,
+        scale=float(scale),
+        inputs=inputs,
+        layout=layout,
+        rotation_map=rmap,
+        block_config=blocks,
+        config=config,
+        warnings=warnings,
+        dry_run=dry_run,
+    )
+    dtypes = {a.dtype(name) for a in read for name in a.modules}
+    out_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    if dry_run:
+        for p in plans:
+            b = blocks.sizes[p.name]
+            rows = 1 if shared else (p.features or b) // b
+            n = b * (b - 1) // 2 if layout == "0.18" else b * b
+            result.tensors[p.name] = torch.empty((rows, n), dtype=out_dtype, device="meta")
+        return result
+
+    cancelled: list[str] = []
+    non_orthogonal: list[tuple[str, float]] = []
+    for done, p in enumerate(plans, 1):
+        b = blocks.sizes[p.name]
+        qs, norms = [], []
+        for i, spec in p.entries:
+            q = read[i].generator(p.name) * read[i].rotation_map.sign
+            norms.append(_module_norm(q, spec))
+            qs.append(_to_grid(q, spec, shared, p.features, b))
+        w = torch.tensor([weights[i] for i, _ in p.entries], dtype=torch.float64)
+        if len(qs) == 1:  # one adapter adapts this module: keep its generator as it is
+            q, stats = (torch.sign(w[0]) if meth.normalized_weights else w[0]) * qs[0], {}
+        else:
+            q, stats = meth(torch.stack(qs), w, **options)
+        if scale != 1.0:
+            q = q * scale
+        where = f"module {p.name!r}"
+        if not bool(torch.isfinite(q).all()):
+            raise NumericalError(f"{where}: the merged generator is not finite (method {meth.name}); nothing was written")
+        if stats.get("cancelled"):
+            cancelled.append(p.name)
+        stored = q * rmap.sign
+        applied = rmap.rotation(stored)
+        ortho = _ortho_error(applied)
+        if rmap.kind == "neumann" and ortho > NEUMANN_ORTHO_WARN:
+            non_orthogonal.append((p.name, ortho))
+        result.modules[p.name] = ModuleReport(
+            name=p.name,
+            inputs=tuple(i for i, _ in p.entries),
+            input_block_sizes=tuple(s.block_size for _, s in p.entries),
+            block_size=b,
+            input_norms=tuple(norms),
+            merged_norm=float(torch.linalg.matrix_norm(q).square().sum().sqrt())
+            * (math.sqrt((p.features or b) // b) if shared else 1.0),
+            stats=stats,
+            ortho_error=ortho,
+        )
+        prefix = KEY_PREFIX + p.name
+        if layout == "0.18":
+            suffix = ".oft_embedding_R.weight" if p.kind == "embedding" else ".oft_R.weight"
+            result.tensors[prefix + suffix] = pack_skew(stored).to(out_dtype)
+        else:
+            result.tensors[prefix + ".oft_r"] = stored.to(out_dtype).contiguous()
+            if layout == "0.15":
+                result.tensors[prefix + ".oft_s"] = _merged_scale(read, p, weights).to(out_dtype)
+        if progress is not None:
+            progress(done, len(plans), p.name)
+    if cancelled:
+        warnings.append(
+            f"{len(cancelled)} module(s) whose inputs' generators (nearly) cancel ({', '.join(cancelled[:3])}"
+            f"{', ...' if len(cancelled) > 3 else ''}): their merged direction is ill-defined, so the plain "
+            "weighted mean was used there (finite, small)"
+        )
+    if non_orthogonal:
+        worst = max(non_orthogonal, key=lambda t: t[1])
+        warnings.append(
+            f"{len(non_orthogonal)} module(s) where PEFT's Cayley-Neumann series ({rmap.terms} terms) is far from a "
+            f"rotation for the merged generator (worst: {worst[0]}, ||R^T R - I||_F = {worst[1]:.3g}); "
+            "consider cayley='exact' or a smaller scale"
+        )
+    for w_ in warnings:
+        log.warning(w_)
+    if out_dir is not None:
+        result.save(out_dir, overwrite=overwrite)
+    return result
+
+
+def _merged_scale(read: Sequence[OftAdapter], p: _ModulePlan, weights: Sequence[float]) -> torch.Tensor:
+    """PEFT 0.14-0.15's ``oft_s``: the |weight|-weighted mean of the inputs' scales (ones where absent)."""
+    total, acc = 0.0, None
+    for i, spec in p.entries:
+        s = read[i].scale(p.name)
+        if s is None:
+            if spec.out_features is None:
+                continue
+            s = torch.ones(spec.out_features, 1, dtype=torch.float64)
+        acc = abs(weights[i]) * s if acc is None else acc + abs(weights[i]) * s
+        total += abs(weights[i])
+    if acc is None:
+        raise IncompatibleAdaptersError(f"module {p.name!r}: no oft_s scale found to merge")
+    return acc / total

@@ -1,0 +1,130 @@
+"""Merge methods for OFT generators, in so(b) per block, batched over blocks.
+
+All functions take ``qs`` ``(N, blocks, b, b)`` (canonical sign, float64) and
+``weights`` ``(N,)`` and return ``(q, stats)``.
+
+OrthoMerge (the default, the paper's Eq. 7-8, with weights):
+
+    S   = sum_i w_i Q_i
+    m   = sum_i |w_i| ||Q_i||_F / sum_i |w_i|        (weighted mean magnitude)
+    Q_m = scale * m * S / ||S||_F
+
+With unit weights this is ``c * S / N`` with ``c = sum_i ||Q_i|| / ||S||``.
+Norms are over the whole module (all blocks together) unless ``per_block``.
+A negative weight negates an input (``-Q`` is the inverse rotation).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from oftmerge.linalg import cayley, inverse_cayley, karcher_mean, polar
+from oftmerge.methods.registry import MethodOption, merge_method
+
+log = logging.getLogger(__name__)
+
+#: ||S|| below this fraction of sum |w_i| ||Q_i|| means the inputs' directions cancel.
+CANCEL_TOL = 1e-4
+
+
+def _norms(qs: torch.Tensor, per_block: bool) -> torch.Tensor:
+    """Frobenius norms: ``(N,)`` over the whole module, or ``(N, blocks)`` per block."""
+    if per_block:
+        return torch.linalg.matrix_norm(qs)
+    return torch.linalg.matrix_norm(qs).square().sum(-1).sqrt()
+
+
+@merge_method(
+    "orthomerge",
+    summary="Magnitude-corrected mean in so(d): direction of the weighted sum, weighted mean norm (default)",
+    reference="OrthoMerge (ICML 2026), Eq. 7-8",
+    options=(
+        MethodOption("per_block", bool, False, "take norms per block instead of over the whole module"),
+        MethodOption("cancel_tol", float, CANCEL_TOL, "||S|| / sum|w|·||Q|| below this: directions cancel"),
+    ),
+)
+def orthomerge(
+    qs: torch.Tensor, weights: torch.Tensor, *, per_block: bool = False, cancel_tol: float = CANCEL_TOL
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    w = weights.to(qs.dtype)
+    wabs = w.abs()
+    norms = _norms(qs, per_block)  # (N,) or (N, blocks)
+    shape = (-1,) + (1,) * (qs.dim() - 1)
+    s = (w.view(shape) * qs).sum(0)
+    s_norm = _norms(s.unsqueeze(0), per_block)[0]
+    wn = (wabs.view((-1,) + (1,) * (norms.dim() - 1)) * norms).sum(0)  # sum |w_i| ||Q_i||
+    target = wn / wabs.sum()
+    zero = wn == 0
+    ratio = torch.where(zero, torch.ones_like(s_norm), s_norm / torch.where(zero, torch.ones_like(wn), wn))
+    cancelled = (ratio < cancel_tol) & ~zero
+    safe_s = torch.where(s_norm > 0, s_norm, torch.ones_like(s_norm))
+    factor = torch.where(cancelled | zero, 1.0 / wabs.sum(), target / safe_s)
+    if per_block:
+        q = s * factor.view(-1, 1, 1)
+    else:
+        q = s * factor
+    c = float((wn / safe_s).max()) if not per_block else float((wn / safe_s).max())
+    stats = {
+        "c": c if not bool(zero.all()) else 1.0,
+        "cancelled": bool(cancelled.any()),
+        "ratio": float(ratio.min()),
+    }
+    return q, stats
+
+
+@merge_method(
+    "mean_q",
+    summary="Plain weighted mean of generators, no magnitude correction (paper's Table 4 ablation)",
+    reference="OrthoMerge (ICML 2026), Table 4 'mean of Q'",
+)
+def mean_q(qs: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    w = weights.to(qs.dtype)
+    return (w.view(-1, 1, 1, 1) * qs).sum(0) / w.abs().sum(), {}
+
+
+def _signed_rotations(qs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Ideal rotations, inverted (``cayley(-Q)``) where the weight is negative."""
+    sign = torch.where(weights < 0, -1.0, 1.0).to(qs.dtype).view(-1, 1, 1, 1)
+    return cayley(sign * qs)
+
+
+@merge_method(
+    "mean_r",
+    summary="Weighted mean of the rotations, projected back to SO(b) by the polar factor (Table 4 ablation)",
+    reference="OrthoMerge (ICML 2026), Table 4 'mean of R'",
+)
+def mean_r(qs: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    rs = _signed_rotations(qs, weights)
+    w = weights.abs().to(qs.dtype).view(-1, 1, 1, 1)
+    r = polar((w * rs).sum(0) / w.sum())
+    return inverse_cayley(r), {}
+
+
+@merge_method(
+    "sequential",
+    summary="Product of the rotations in input order, as folding them one after another does (Table 4 ablation)",
+    reference="OrthoMerge (ICML 2026), Table 4 'sequential'; PEFT merge_and_unload of several adapters",
+    normalized_weights=False,
+    order_matters=True,
+)
+def sequential(qs: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    # PEFT folds W -> W R_1^T -> W R_1^T R_2^T = W (R_2 R_1)^T: the later adapter acts last.
+    rs = cayley(weights.to(qs.dtype).view(-1, 1, 1, 1) * qs)
+    r = rs[0]
+    for i in range(1, rs.shape[0]):
+        r = rs[i] @ r
+    return inverse_cayley(r), {}
+
+
+@merge_method(
+    "karcher",
+    summary="Weighted Riemannian (Karcher) mean of the rotations on SO(b), per block",
+    reference="Karcher (1977); affordable here because OFT blocks are small",
+)
+def karcher(qs: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    rs = _signed_rotations(qs, weights)
+    r = karcher_mean(rs, weights.abs().to(qs.dtype))
+    return inverse_cayley(r), {}
