@@ -90,6 +90,8 @@ class MergeResult:
     warnings: list[str] = field(default_factory=list)
     dry_run: bool = False
     saved_to: Path | None = None
+    #: module -> (input block sizes, output block size), filled by planning (also in a dry run)
+    plan: dict[str, tuple[tuple[int, ...], int]] = field(default_factory=dict)
 
     @property
     def output_bytes(self) -> int:
@@ -153,8 +155,14 @@ class MergeResult:
         grid = "" if bc is None else (f", oft_block_size={bc.oft_block_size}" if bc.oft_block_size else f", r={bc.r}")
         lines.append(
             f"output: PEFT {RELEASES[self.layout]} layout, {self.rotation_map.describe()}{grid}, "
-            f"{len(self.modules)} modules, {self.output_bytes / 1e6:.2f} MB"
+            f"{len(self.plan)} modules, {self.output_bytes / 1e6:.2f} MB"
         )
+        if self.dry_run:
+            lines.append(f"  {'module':<48} {'input block sizes':>18} {'-> b':>5}")
+            for name, (sizes, b) in list(self.plan.items())[:max_modules]:
+                lines.append(f"  {name[-48:]:<48} {','.join(map(str, sizes)):>18} {b:>5}")
+            if len(self.plan) > max_modules:
+                lines.append(f"  ... {len(self.plan) - max_modules} more modules")
         if not self.dry_run and self.modules:
             lines.append(f"  {'module':<48} {'inputs':>6} {'b':>4} {'|Q_i| (mean)':>12} {'|Q_merged|':>10} {'c':>7} {'|RtR-I|':>8}")
             reports = list(self.modules.values())
@@ -504,6 +512,7 @@ def merge_adapters(
         warnings=warnings,
         dry_run=dry_run,
     )
+    result.plan = {p.name: (tuple(s.block_size for _, s in p.entries), blocks.sizes[p.name]) for p in plans}
     dtypes = {a.dtype(name) for a in read for name in a.modules}
     out_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     if dry_run:

@@ -90,8 +90,9 @@ def choose_block_config(grids: Mapping[str, tuple[int, int]], prefer: tuple[int,
     ``grids`` maps module -> ``(features, grid)``; the block size chosen for a
     module must be a multiple of ``grid`` (a generator on a grid of small blocks
     is exactly a generator on any coarser grid) and divide ``features``. Among
-    valid configs the one with the fewest parameters wins; ``prefer`` (the
-    inputs' own config) is taken when it is valid and as small.
+    valid configs the one with the fewest parameters wins, then the one PEFT
+    adjusts on fewest layers (each adjustment is a warning at load time), then
+    ``prefer`` (the inputs' own config).
     """
 
     pairs: dict[tuple[int, int], int] = {}
@@ -115,12 +116,17 @@ def choose_block_config(grids: Mapping[str, tuple[int, int]], prefer: tuple[int,
             if features % d == 0:
                 candidates.append((0, d))
                 candidates.append((features // d, 0))
-    best: tuple[int, tuple[int, int], dict[tuple[int, int], int]] | None = None
+    def adjusted(r: int, bs: int) -> int:  # layers where PEFT would adjust the value (and warn)
+        v = r or bs
+        return sum(1 for features, _ in pairs if features % v or v > features)
+
+    best: tuple[tuple[int, int, bool], tuple[int, int], dict[tuple[int, int], int]] | None = None
     for cand in dict.fromkeys(candidates):
         sizes = sizes_for(*cand)
         if sizes is None:
             continue
-        key = sum(count * pair[0] * (sizes[pair] - 1) for pair, count in pairs.items())
+        cost = sum(count * pair[0] * (sizes[pair] - 1) for pair, count in pairs.items())
+        key = (cost, adjusted(*cand), cand != prefer)
         if best is None or key < best[0]:
             best = (key, cand, sizes)
     if best is None:

@@ -1,0 +1,5 @@
+import sys
+
+from oftmerge.cli import main
+
+sys.exit(main())
