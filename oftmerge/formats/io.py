@@ -64,7 +64,8 @@ class TensorFile:
                 loaded = torch.load(str(self.path), map_location="cpu", weights_only=True)
             except Exception as exc:
                 raise AdapterFormatError(
-                    f"{self.path}: cannot be read as a PyTorch state dict with weights_only=True ({exc}). "
+                    f"{self.path}: cannot be read as a PyTorch state dict with weights_only=True "
+                    f"({str(exc).strip().splitlines()[0][:160]}). "
                     "oftmerge never unpickles arbitrary objects; convert the file to safetensors first."
                 ) from exc
             if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
