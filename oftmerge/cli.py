@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -13,6 +14,9 @@ from oftmerge._version import __version__
 from oftmerge.errors import OftMergeError
 
 log = logging.getLogger("oftmerge")
+
+#: Modules that add subcommands: each has ``register(subparsers)`` (kept apart so each stays small).
+SUBCOMMAND_MODULES: list[str] = []
 
 EPILOG_MERGE = """examples:
   oftmerge merge adapters/oft-upper adapters/oft-reverse -o merged
@@ -164,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("methods", help="list the merge methods and their options")
     ls.set_defaults(func=_cmd_methods)
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return p
 
 
