@@ -473,10 +473,11 @@ def merge_adapters(
     meth: MergeMethod = get_method(method)
     options = meth.resolve_options(dict(method_options or {}))
 
-    hashes = [_sha256(a.weights_path) for a in read]
+    hashes = [_sha256(a.weights_path) if a.weights_path.is_file() else a.content_hash() for a in read]
     order = list(range(len(read)))
     if not meth.order_matters:  # a canonical order makes float sums independent of the order given
-        order.sort(key=lambda i: (hashes[i], str(read[i].path), weights[i]))
+        keys = [a.content_hash() for a in read]  # of the tensors, not the file: .bin, safetensors, memory agree
+        order.sort(key=lambda i: (keys[i], weights[i], str(read[i].path)))
     read = [read[i] for i in order]
     weights = [weights[i] for i in order]
     hashes = [hashes[i] for i in order]

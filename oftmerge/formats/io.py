@@ -22,7 +22,7 @@ import torch
 
 from oftmerge.errors import AdapterFormatError, OutputExistsError
 
-__all__ = ["TensorFile", "atomic_directory", "atomic_write_bytes", "read_json", "write_json_atomic"]
+__all__ = ["TensorDict", "TensorFile", "atomic_directory", "content_hash", "atomic_write_bytes", "read_json", "write_json_atomic"]
 
 
 _SAFETENSORS_DTYPES = {
@@ -104,6 +104,43 @@ class TensorFile:
         if self._handle is None:
             return {}
         return dict(self._handle.metadata() or {})
+
+
+class TensorDict:
+    """The :class:`TensorFile` interface over tensors already in memory (e.g. a live model's state dict)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], label: str):
+        self.path = Path(label)
+        self._tensors = {k: v.detach().cpu() for k, v in tensors.items()}
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._tensors
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensors[key].dtype
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._tensors:
+            raise AdapterFormatError(f"{self.path}: no tensor named {key!r}")
+        return self._tensors[key]
+
+
+def content_hash(source: TensorFile | TensorDict) -> str:
+    """SHA-256 of the tensors' names, dtypes, shapes and bytes, independent of the file format."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(source.keys()):
+        t = source.get(key).contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def read_json(path: Path) -> dict[str, Any]:

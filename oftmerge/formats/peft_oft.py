@@ -32,10 +32,10 @@ import torch
 from packaging.version import InvalidVersion, Version
 
 from oftmerge.errors import AdapterFormatError, IncompatibleAdaptersError, NumericalError
-from oftmerge.formats.io import TensorFile, read_json
+from oftmerge.formats.io import TensorDict, TensorFile, content_hash, read_json
 from oftmerge.linalg import RotationMap, block_size_from_packed, coft_project, skew_from_full, unpack_skew
 
-__all__ = ["RELEASES", "ModuleSpec", "OftAdapter", "read_adapter", "release_family"]
+__all__ = ["RELEASES", "ModuleSpec", "OftAdapter", "adapter_from_tensors", "read_adapter", "release_family"]
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,11 @@ class OftAdapter:
     rotation_map: RotationMap
     config: Mapping[str, Any]
     modules: Mapping[str, ModuleSpec]
-    _file: TensorFile = field(repr=False, compare=False)
+    _file: TensorFile | TensorDict = field(repr=False, compare=False)
+
+    def content_hash(self) -> str:
+        """SHA-256 of the stored tensors (names, dtypes, shapes, bytes), whatever file they came from."""
+        return content_hash(self._file)
 
     @property
     def base_model(self) -> str | None:
@@ -254,8 +258,19 @@ def read_adapter(
             f"{path / 'adapter_config.json'}: peft_type is {config.get('peft_type')!r}, not 'OFT'.{hint}"
         )
     weights_path = _find_weights(path)
-    tf = TensorFile(weights_path)
+    return adapter_from_tensors(path, config, TensorFile(weights_path), peft_release=peft_release, base_shapes=base_shapes)
 
+
+def adapter_from_tensors(
+    path: Path,
+    config: Mapping[str, Any],
+    tf: TensorFile | TensorDict,
+    *,
+    peft_release: str | None = None,
+    base_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> OftAdapter:
+    """Build an :class:`OftAdapter` from a config dict and tensors keyed as PEFT saves them."""
+    weights_path = tf.path
     found: dict[str, tuple[str, str, str]] = {}
     scales: dict[str, str] = {}
     extra: list[str] = []
