@@ -16,7 +16,9 @@ from oftmerge.errors import OftMergeError
 log = logging.getLogger("oftmerge")
 
 #: Modules that add subcommands: each has ``register(subparsers)`` (kept apart so each stays small).
-SUBCOMMAND_MODULES: list[str] = []
+SUBCOMMAND_MODULES: list[str] = [
+    "oftmerge.cli_inspect",
+]
 
 EPILOG_MERGE = """examples:
   oftmerge merge adapters/oft-upper adapters/oft-reverse -o merged

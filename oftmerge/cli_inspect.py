@@ -1,0 +1,33 @@
+"""``oftmerge inspect``: diagnostics of OFT adapters (see :mod:`oftmerge.diagnostics`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from oftmerge.diagnostics import inspect_adapters, render_report
+
+    report = inspect_adapters(args.adapters, base=args.base, peft_release=args.peft_release)
+    print(json.dumps(report, indent=2, sort_keys=True) if args.json else render_report(report, max_modules=args.show))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="report release, block sizes, ||Q|| and orthogonality per module; cosines between adapters",
+        description=(
+            "Describe OFT adapters: the PEFT release detected, per-module block size and count, ||Q||_F "
+            "(whole module, and min/median/max per block), the orthogonality error ||R^T R - I||_F of the "
+            "rotation PEFT actually applies, and for several adapters the cosine between their generators "
+            "and the magnitude correction c the default merge would use."
+        ),
+    )
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--show", type=int, default=20, help="modules listed per adapter (default: %(default)s)")
+    p.add_argument("--base", help="base model directory (checks shapes; widths of block_share layers)")
+    p.add_argument("--peft-release", help="PEFT release that wrote the inputs, when their config does not record it")
+    p.set_defaults(func=_cmd_inspect)

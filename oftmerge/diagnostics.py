@@ -1,0 +1,174 @@
+"""What ``oftmerge inspect`` reports about OFT adapters, as plain data.
+
+Per adapter: the PEFT release and how it was recognised, the rotation map, and per module the
+block size and count, ``||Q||_F`` over the whole module, a per-block summary, and the
+orthogonality error ``||R^T R - I||_F`` (worst block) of the matrix PEFT actually applies —
+PEFT's truncated Cayley–Neumann series is far from a rotation when ``||Q||`` is not small.
+For several adapters: the cosine between their generators per shared module, and the magnitude
+correction ``c = sum ||Q_i|| / ||sum Q_i||`` the default merge would use.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from oftmerge.formats.checkpoint import Checkpoint
+from oftmerge.formats.peft_oft import OftAdapter, read_adapter
+from oftmerge.linalg import regrid_blocks
+
+__all__ = ["inspect_adapters", "render_report"]
+
+
+def _block_stats(values: torch.Tensor) -> dict[str, float]:
+    v = values.flatten().double()
+    return {"min": float(v.min()), "median": float(v.median()), "max": float(v.max())}
+
+
+def _module_report(adapter: OftAdapter, name: str) -> dict[str, Any]:
+    spec = adapter.modules[name]
+    q = adapter.generator(name)
+    block_norms = torch.linalg.matrix_norm(q)
+    n = spec.num_blocks
+    total = float(block_norms.square().sum().sqrt()) * (math.sqrt(n) if spec.shared and n else 1.0)
+    applied = adapter.rotation_map.rotation(q)
+    eye = torch.eye(spec.block_size, dtype=torch.float64)
+    ortho = torch.linalg.matrix_norm(applied.transpose(-2, -1) @ applied - eye)
+    report = {
+        "name": name,
+        "kind": spec.kind,
+        "block_size": spec.block_size,
+        "blocks": n,
+        "shared": spec.shared,
+        "q_norm": total,
+        "block_q_norm": _block_stats(block_norms),
+        "ortho_error": float(ortho.max()),
+    }
+    if adapter.rotation_map.kind == "neumann":
+        ideal = adapter.rotation_map.ideal_rotation(q)
+        report["series_error"] = float(torch.linalg.matrix_norm(applied - ideal).max())
+    return report
+
+
+def _canonical_full(adapter: OftAdapter, name: str, grid: int, shared: bool, features: int | None) -> torch.Tensor:
+    spec = adapter.modules[name]
+    q = adapter.generator(name) * adapter.rotation_map.sign
+    if spec.shared and not shared:
+        q = q.expand(features // spec.block_size, -1, -1)  # type: ignore[operator]
+    elif spec.shared:
+        q = q.expand(grid // spec.block_size, -1, -1)
+    return regrid_blocks(q.contiguous(), grid)
+
+
+def _pair_cosines(a: OftAdapter, b: OftAdapter) -> list[float]:
+    out = []
+    for name in sorted(set(a.modules) & set(b.modules)):
+        sa, sb = a.modules[name], b.modules[name]
+        features = sa.features or sb.features
+        shared = sa.shared and sb.shared
+        grid = math.lcm(sa.block_size, sb.block_size)
+        if not shared and features is None:
+            continue
+        qa = _canonical_full(a, name, grid, shared, features).flatten()
+        qb = _canonical_full(b, name, grid, shared, features).flatten()
+        denom = float(qa.norm() * qb.norm())
+        if denom > 0:
+            out.append(float(qa @ qb) / denom)
+    return out
+
+
+def inspect_adapters(
+    adapters: Sequence[str | os.PathLike[str] | OftAdapter],
+    *,
+    base: str | os.PathLike[str] | None = None,
+    peft_release: str | None = None,
+) -> dict[str, Any]:
+    """Diagnostics of one or more adapters (see the module docstring); JSON-serialisable."""
+    base_shapes = Checkpoint(base).shapes() if base is not None else None
+    read = [a if isinstance(a, OftAdapter) else read_adapter(a, peft_release=peft_release, base_shapes=base_shapes) for a in adapters]
+    report: dict[str, Any] = {"adapters": []}
+    for a in read:
+        modules = [_module_report(a, n) for n in a.modules]
+        report["adapters"].append(
+            {
+                "path": str(a.path),
+                "release": a.release,
+                "release_source": a.release_source,
+                "peft_version": a.peft_version,
+                "rotation_map": a.rotation_map.describe(),
+                "block_share": bool(a.config.get("block_share", False)),
+                "coft": bool(a.config.get("coft", False)),
+                "base_model": a.base_model,
+                "modules": modules,
+                "q_norm": _block_stats(torch.tensor([m["q_norm"] for m in modules], dtype=torch.float64)),
+                "ortho_error_max": max(m["ortho_error"] for m in modules),
+            }
+        )
+    if len(read) > 1:
+        pairs = []
+        for i in range(len(read)):
+            for j in range(i + 1, len(read)):
+                cos = _pair_cosines(read[i], read[j])
+                pairs.append({"a": i, "b": j, "modules": len(cos), "cosine": _block_stats(torch.tensor(cos, dtype=torch.float64)) if cos else None})
+        report["pairs"] = pairs
+        from oftmerge.merge import merge_adapters
+
+        merge_log = logging.getLogger("oftmerge.merge")
+        level = merge_log.level
+        merge_log.setLevel(logging.ERROR)  # its warnings are part of this report, not log lines
+        try:
+            result = merge_adapters(read, base=base, allow_base_mismatch=True)
+        finally:
+            merge_log.setLevel(level)
+        report["merge"] = {
+            "method": result.method,
+            "modules": {
+                n: {"inputs": len(r.inputs), "c": r.stats.get("c", 1.0), "merged_q_norm": r.merged_norm}
+                for n, r in result.modules.items()
+            },
+            "warnings": result.warnings,
+        }
+    return report
+
+
+def render_report(report: dict[str, Any], *, max_modules: int = 20) -> str:
+    """The human-readable table ``oftmerge inspect`` prints."""
+    lines: list[str] = []
+    for i, a in enumerate(report["adapters"]):
+        lines.append(f"[{i}] {a['path']}")
+        lines.append(f"    PEFT {a['release_source']}; {a['rotation_map']}" + ("; block_share" if a["block_share"] else "") + ("; COFT" if a["coft"] else ""))
+        qn = a["q_norm"]
+        lines.append(
+            f"    {len(a['modules'])} modules, ||Q||_F per module {qn['min']:.3g} .. {qn['max']:.3g} (median {qn['median']:.3g}); "
+            f"worst ||R^T R - I||_F of the applied rotation {a['ortho_error_max']:.2g}"
+        )
+        lines.append(f"    {'module':<46} {'b':>4} {'blocks':>6} {'||Q||_F':>9} {'block ||Q|| min/med/max':>24} {'|RtR-I|':>8}")
+        for m in a["modules"][:max_modules]:
+            bq = m["block_q_norm"]
+            blocks = "shared" if m["shared"] and m["blocks"] is None else str(m["blocks"])
+            lines.append(
+                f"    {m['name'][-46:]:<46} {m['block_size']:>4} {blocks:>6} {m['q_norm']:>9.4g} "
+                f"{bq['min']:>7.3g}/{bq['median']:.3g}/{bq['max']:.3g}".ljust(97) + f" {m['ortho_error']:>8.2g}"
+            )
+        if len(a["modules"]) > max_modules:
+            lines.append(f"    ... {len(a['modules']) - max_modules} more modules (--show N, or --json)")
+    if "pairs" in report:
+        lines.append("cosine between generators (per shared module):")
+        for p in report["pairs"]:
+            c = p["cosine"]
+            text = "no shared modules" if c is None else f"min {c['min']:.3f} / median {c['median']:.3f} / max {c['max']:.3f} over {p['modules']} modules"
+            lines.append(f"    [{p['a']}] vs [{p['b']}]: {text}")
+        cs = [m["c"] for m in report["merge"]["modules"].values() if m["inputs"] > 1]
+        if cs:
+            lines.append(
+                f"orthomerge magnitude correction c = sum ||Q_i|| / ||sum Q_i|| over {len(cs)} merged modules: "
+                f"{min(cs):.3f} .. {max(cs):.3f} (1: all point the same way; sqrt(N): N orthogonal ones of equal size)"
+            )
+        for w in report["merge"]["warnings"]:
+            lines.append(f"warning: {w}")
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""oftmerge inspect: every number checked against a direct computation (PEFT's own rotation included)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from oftmerge.cli import main
+from oftmerge.diagnostics import inspect_adapters, render_report
+
+from conftest import make_oft_adapter
+
+
+@pytest.fixture
+def adapters(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    model_a = make_oft_adapter(a, seed=1, std=0.3, oft_block_size=4)  # large: the Neumann series is visibly off
+    make_oft_adapter(b, seed=2, std=0.05, oft_block_size=8, use_cayley_neumann=False)
+    return a, b, model_a
+
+
+def _unpack(vec, b):
+    rows, cols = torch.triu_indices(b, b, 1)
+    q = torch.zeros(vec.shape[0], b, b, dtype=torch.float64)
+    q[:, rows, cols] = vec.double()
+    return q - q.transpose(-1, -2)
+
+
+def test_numbers_match_direct_computation(adapters):
+    a, b, model_a = adapters
+    report = inspect_adapters([a, b])
+    ra = report["adapters"][0]
+    assert ra["release"] == "0.18" and "Cayley-Neumann, 5 terms" in ra["rotation_map"]
+    tensors = load_file(a / "adapter_model.safetensors")
+    for m in ra["modules"]:
+        vec = tensors[f"base_model.model.{m['name']}.oft_R.weight"]
+        q = _unpack(vec, m["block_size"])
+        assert m["q_norm"] == pytest.approx(float(q.norm()), rel=1e-12)
+        assert m["block_q_norm"]["max"] == pytest.approx(float(torch.linalg.matrix_norm(q).max()), rel=1e-12)
+        assert m["blocks"] == q.shape[0]
+        # the rotation PEFT actually applies, from PEFT itself
+        layer = dict(model_a.named_modules())[f"base_model.model.{m['name']}"]
+        r = layer.oft_R["default"]._cayley_batch(vec.double(), m["block_size"], True, 5)
+        eye = torch.eye(m["block_size"], dtype=torch.float64)
+        expected = float(torch.linalg.matrix_norm(r.transpose(-1, -2) @ r - eye).max())
+        assert m["ortho_error"] == pytest.approx(expected, rel=1e-6)
+        assert m["ortho_error"] > 1e-3  # large generators: the series is not a rotation
+    assert report["adapters"][1]["ortho_error_max"] < 1e-12  # exact Cayley is a rotation
+
+
+def test_cosines_and_magnitude_correction(adapters):
+    a, b, _ = adapters
+    report = inspect_adapters([a, b])
+    ta, tb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    cosines, cs = [], []
+    for name in ("lin_sq", "lin_wide", "lin_tall"):
+        key = f"base_model.model.{name}.oft_R.weight"
+        qa = -torch.block_diag(*_unpack(ta[key], 4))  # Neumann: canonical sign is -Q
+        qb = torch.block_diag(*_unpack(tb[key], 8))
+        cosines.append(float((qa * qb).sum() / (qa.norm() * qb.norm())))
+        cs.append(float((qa.norm() + qb.norm()) / (qa + qb).norm()))
+    pair = report["pairs"][0]
+    assert pair["modules"] == 3
+    assert pair["cosine"]["min"] == pytest.approx(min(cosines), abs=1e-12)
+    assert pair["cosine"]["max"] == pytest.approx(max(cosines), abs=1e-12)
+    got = sorted(m["c"] for m in report["merge"]["modules"].values())
+    assert got == pytest.approx(sorted(cs), rel=1e-10)
+    text = render_report(report)
+    assert "cosine between generators" in text and "magnitude correction c" in text
+
+
+def test_cli_json_and_table(adapters, capsys):
+    a, b, _ = adapters
+    assert main(["inspect", str(a), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["adapters"]) == 1 and "pairs" not in data
+    assert main(["inspect", str(a), str(b), "--show", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "more modules" in out and "[0] vs [1]" in out
