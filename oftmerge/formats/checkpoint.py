@@ -3,18 +3,80 @@
 Handles a single ``model.safetensors``, sharded safetensors with
 ``model.safetensors.index.json``, and (read safely, fully into memory)
 ``pytorch_model.bin`` / its sharded index.
+
+Besides :meth:`Checkpoint.get` (through ``safe_open``), a safetensors tensor
+can be located on disk without reading it (:meth:`Checkpoint.raw`, a
+:class:`RawTensor`: file, byte range, dtype, shape) and read with plain file
+I/O (:meth:`Checkpoint.read`). Plain reads do not map the file, so a tensor
+that was read and released stops counting toward the resident memory of the
+process, which is what a streaming fold over a large model needs.
 """
 
 from __future__ import annotations
 
+import json
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from oftmerge.errors import AdapterFormatError
-from oftmerge.formats.io import TensorFile, read_json
+from oftmerge.formats.io import _SAFETENSORS_DTYPES, TensorFile, read_json
 
-__all__ = ["Checkpoint"]
+__all__ = ["Checkpoint", "RawTensor", "read_safetensors_header"]
+
+#: Largest header safetensors itself accepts (100 MB).
+_MAX_HEADER = 100_000_000
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """Where one tensor's bytes are in a safetensors file (nothing is read)."""
+
+    path: Path
+    offset: int  #: absolute byte offset of the first byte in the file
+    nbytes: int
+    dtype: str  #: safetensors dtype name: ``"BF16"``, ``"F32"``, ...
+    shape: tuple[int, ...]
+
+    def read(self) -> torch.Tensor:
+        """The tensor, read with ordinary file I/O into fresh memory (no memory map, no dtype change)."""
+        try:
+            dtype = _SAFETENSORS_DTYPES[self.dtype]
+        except KeyError:
+            raise AdapterFormatError(f"{self.path}: dtype {self.dtype} is not handled by oftmerge") from None
+        buf = torch.empty(self.nbytes, dtype=torch.uint8)
+        if self.nbytes:
+            view = memoryview(buf.numpy())
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(self.offset)
+                done = 0
+                while done < self.nbytes:
+                    n = f.readinto(view[done:])
+                    if not n:
+                        raise AdapterFormatError(f"{self.path}: file ends inside a tensor; it is truncated")
+                    done += n
+        return buf.view(dtype).reshape(self.shape)
+
+
+def read_safetensors_header(path: str | Path) -> tuple[int, dict]:
+    """``(data_start, header)`` of a safetensors file: the JSON header and where the data begins."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise AdapterFormatError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER:
+            raise AdapterFormatError(f"{path}: not a safetensors file (header length {n})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise AdapterFormatError(f"{path}: not a safetensors file (bad header: {exc})") from exc
+    if not isinstance(header, dict):
+        raise AdapterFormatError(f"{path}: not a safetensors file (header is not a JSON object)")
+    return 8 + n, header
 
 _SINGLE = ("model.safetensors", "pytorch_model.bin")
 _INDEX = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -28,6 +90,7 @@ class Checkpoint:
         if not self.path.is_dir():
             raise AdapterFormatError(f"{self.path}: base model directory not found")
         self._files: dict[str, TensorFile] = {}
+        self._headers: dict[str, tuple[int, dict]] = {}
         self._where: dict[str, str] = {}
         self.index_file: Path | None = None
         for name in _INDEX:
@@ -65,6 +128,23 @@ class Checkpoint:
     def __contains__(self, key: str) -> bool:
         return key in self._where
 
+    def keys_in_file_order(self) -> list[str]:
+        """Tensor names shard by shard, and within a safetensors shard by position in the file.
+
+        This is the order in which the tensors were written, and the order in
+        which reading them is sequential on disk.
+        """
+        order: list[str] = []
+        by_shard: dict[str, list[str]] = {}
+        for key, shard in self._where.items():
+            by_shard.setdefault(shard, []).append(key)
+        for shard in self.shards:
+            keys = by_shard[shard]
+            if shard.endswith(".safetensors"):
+                keys = sorted(keys, key=lambda k: self.raw(k).offset)  # type: ignore[union-attr]
+            order += keys
+        return order
+
     def shard_of(self, key: str) -> str:
         return self._where[key]
 
@@ -78,3 +158,27 @@ class Checkpoint:
         if key not in self._where:
             raise AdapterFormatError(f"{self.path}: no tensor named {key!r}")
         return self._open(self._where[key]).get(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._open(self._where[key]).dtype(key)
+
+    def raw(self, key: str) -> RawTensor | None:
+        """Where tensor ``key`` lies on disk, or None when its file is not safetensors (``.bin``)."""
+        if key not in self._where:
+            raise AdapterFormatError(f"{self.path}: no tensor named {key!r}")
+        shard = self._where[key]
+        if not shard.endswith(".safetensors"):
+            return None
+        if shard not in self._headers:
+            self._headers[shard] = read_safetensors_header(self.path / shard)
+        start, header = self._headers[shard]
+        entry = header.get(key)
+        if not isinstance(entry, dict):
+            raise AdapterFormatError(f"{self.path / shard}: no tensor named {key!r} (the index says it is there)")
+        begin, end = entry["data_offsets"]
+        return RawTensor(self.path / shard, start + begin, end - begin, entry["dtype"], tuple(entry["shape"]))
+
+    def read(self, key: str) -> torch.Tensor:
+        """Tensor ``key`` read without a memory map (safetensors), else as :meth:`get`."""
+        raw = self.raw(key)
+        return self.get(key) if raw is None else raw.read()

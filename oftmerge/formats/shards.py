@@ -1,0 +1,559 @@
+"""Write model checkpoints the way ``transformers`` does, streaming: sharded safetensors and whole model directories.
+
+Two pieces, both deterministic (the same tensors in the same order give the
+same bytes) and both safe to kill at any moment when used inside
+:func:`oftmerge.formats.io.atomic_directory` (which :func:`write_model` does).
+
+:class:`ShardedWriter` writes tensors into a directory, one at a time::
+
+    from oftmerge.formats.io import atomic_directory
+    from oftmerge.formats.shards import ShardedWriter
+
+    with atomic_directory("out") as tmp:
+        writer = ShardedWriter(tmp, max_shard_bytes="2GB")
+        for name, tensor in tensors():       # any iterable, any order you like
+            writer.add(name, tensor)         # buffered; a shard is written when the next tensor would not fit
+        index = writer.close()               # last shard, names, model.safetensors.index.json
+
+* Shards are ``model-00001-of-0000N.safetensors`` with ``model.safetensors.index.json``
+  (``{"metadata": {"total_size", "total_parameters"}, "weight_map": {...}}``), or a single
+  ``model.safetensors`` and no index when everything fits in one shard. Shards are written
+  under temporary names (``.shard-00001.tmp``) and renamed by :meth:`~ShardedWriter.close`,
+  which is when the count is known.
+* A shard is cut *before* a tensor that would take it past ``max_shard_bytes``
+  (tensor bytes only, headers not counted, as in ``transformers``); a tensor
+  larger than the limit gets a shard of its own.
+* File metadata is ``{"format": "pt"}`` (pass ``metadata=`` to add keys).
+* :meth:`~ShardedWriter.add_raw` copies a tensor's bytes from another
+  safetensors file (a :class:`~oftmerge.formats.checkpoint.RawTensor`) without
+  reading them into Python: no decode, no dtype round trip, no memory.
+* Memory: by default a shard's tensors are held until the shard is written
+  (raw entries cost nothing). If the names, dtypes and shapes are known
+  beforehand, pass them as ``layout=`` and every tensor goes to disk as soon
+  as it is added (only one tensor is in memory); ``add`` must then follow
+  ``layout``'s order. Both modes write the same bytes.
+
+:func:`write_model` streams a whole base model directory through a function::
+
+    from oftmerge.formats.shards import write_model
+
+    def tensor_fn(name, tensor):             # called once per tensor, in the checkpoint's order
+        return tensor * 2 if name.endswith("mlp.down_proj.weight") else tensor
+
+    write_model("base-model", "out-model", tensor_fn, shard_size="2GB",
+                only=lambda name: name.endswith("mlp.down_proj.weight"))
+
+* Every tensor of the base (:class:`~oftmerge.formats.checkpoint.Checkpoint`:
+  one file, sharded, or ``.bin``) is written in the base's order (shard by
+  shard, in file order). ``tensor_fn``
+  must return a tensor of the same shape and dtype (the shard headers are
+  planned from the base); return ``None`` to keep the tensor as it is.
+* ``only`` (a predicate on names, or a collection of names) says which tensors
+  ``tensor_fn`` needs to see; every other tensor is copied byte for byte from
+  the base's safetensors files, never decoded.
+* Non-weight files of the base (``config.json``, ``generation_config.json``,
+  tokenizer files, chat templates, ...: top-level regular files that are not
+  weights, not hidden, at most :data:`MAX_COPIED_FILE_BYTES`) are copied;
+  ``extra_files`` (name -> bytes or str) are written last and win.
+* Tied embeddings: a base whose config ties the output embedding to the
+  input one and whose checkpoint stores only the input embedding keeps it
+  that way: no ``lm_head.weight`` is invented. A caller that changes only one
+  side of a tied pair passes ``untie=(source, target)``: ``target`` is added
+  (after the base's tensors) as ``tensor_fn(target, <source as stored in the
+  base>)``, and ``tie_word_embeddings`` is set to ``false`` in ``config.json``
+  so ``transformers`` keeps the two apart on loading.
+* The output appears all at once: it is built in a temporary directory beside
+  ``out_dir`` and renamed into place at the end. An existing ``out_dir``
+  raises :class:`~oftmerge.errors.OutputExistsError` unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from oftmerge.errors import OftMergeError
+from oftmerge.formats.checkpoint import Checkpoint, RawTensor
+from oftmerge.formats.io import atomic_directory
+
+__all__ = [
+    "MAX_COPIED_FILE_BYTES",
+    "ShardedWriter",
+    "TensorInfo",
+    "parse_size",
+    "tied_embeddings",
+    "write_model",
+]
+
+log = logging.getLogger(__name__)
+
+#: Non-weight files of a base directory larger than this are not copied (a warning says so).
+MAX_COPIED_FILE_BYTES = 256 * 2**20
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "tf_model.h5.index.json")
+
+_DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_COPY_CHUNK = 64 * 2**20
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in ``size``: an int, or ``"5GB"`` / ``"500MB"`` / ``"2GiB"`` (as ``transformers``' ``max_shard_size``)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        text = str(size).strip()
+        units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+        for unit, factor in units.items():
+            if text.upper().endswith(unit):
+                number = text[: -len(unit)].strip()
+                break
+        else:
+            number, factor = text, 1
+        try:
+            value = int(float(number) * factor)
+        except ValueError:
+            raise OftMergeError(f"shard size {size!r}: expected bytes or a number with a unit, e.g. 5GB, 500MB, 2GiB") from None
+    if value <= 0:
+        raise OftMergeError(f"shard size {size!r}: must be positive")
+    return value
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, safetensors dtype name and shape of a tensor to be written."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = _ITEM_BYTES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _dtype_name(tensor: torch.Tensor, name: str) -> str:
+    try:
+        return _DTYPE_NAMES[tensor.dtype]
+    except KeyError:
+        raise OftMergeError(f"tensor {name!r}: dtype {tensor.dtype} cannot be written to safetensors by oftmerge") from None
+
+
+def _info(name: str, tensor: torch.Tensor) -> TensorInfo:
+    return TensorInfo(name, _dtype_name(tensor, name), tuple(tensor.shape))
+
+
+def _header_bytes(entries: Sequence[TensorInfo], metadata: Mapping[str, str]) -> bytes:
+    """The safetensors header (length prefix + JSON padded with spaces to 8 bytes), data in ``entries`` order."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for e in entries:
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def _write_tensor(f: BinaryIO, tensor: torch.Tensor) -> None:
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel():
+        f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
+def _copy_raw(f: BinaryIO, raw: RawTensor) -> None:
+    """Copy ``raw``'s bytes into ``f`` at its position, in the kernel where possible."""
+    f.flush()
+    remaining, src_off = raw.nbytes, raw.offset
+    with open(raw.path, "rb", buffering=0) as src:
+        if hasattr(os, "copy_file_range"):
+            dst_off = f.tell()
+            try:
+                while remaining:
+                    n = os.copy_file_range(src.fileno(), f.fileno(), min(remaining, 2**30), src_off, dst_off)
+                    if n == 0:
+                        break
+                    remaining, src_off, dst_off = remaining - n, src_off + n, dst_off + n
+                f.seek(dst_off)
+            except OSError:  # e.g. across file systems on old kernels: fall back to read/write
+                f.seek(dst_off)
+        src.seek(src_off)
+        while remaining:
+            chunk = src.read(min(remaining, _COPY_CHUNK))
+            if not chunk:
+                raise OftMergeError(f"{raw.path}: file ends inside a tensor; it is truncated")
+            f.write(chunk)
+            remaining -= len(chunk)
+
+
+def _split(entries: Iterable[TensorInfo], max_bytes: int) -> list[list[TensorInfo]]:
+    """Cut ``entries`` into shards: a new shard starts when the next tensor would not fit."""
+    shards: list[list[TensorInfo]] = []
+    size = 0
+    for e in entries:
+        if not shards or (shards[-1] and size + e.nbytes > max_bytes):
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
+    return shards
+
+
+class ShardedWriter:
+    """Write tensors into ``directory`` as transformers-style sharded safetensors (see the module docstring).
+
+    Args:
+        directory: an existing directory, normally the temporary one of
+            :func:`~oftmerge.formats.io.atomic_directory`.
+        max_shard_bytes: bytes per shard, or ``"5GB"``-style text.
+        metadata: extra string metadata for every shard (``format: pt`` is always set).
+        layout: the tensors (:class:`TensorInfo`) that will be added, in order;
+            with it, nothing is buffered.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        max_shard_bytes: int | str = "5GB",
+        metadata: Mapping[str, str] | None = None,
+        layout: Sequence[TensorInfo] | None = None,
+    ):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise OftMergeError(f"{self.directory}: output directory does not exist")
+        self.max_shard_bytes = parse_size(max_shard_bytes)
+        self.metadata = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
+        self._names: set[str] = set()
+        self._done: list[list[TensorInfo]] = []  # written shards
+        self._pending: list[tuple[TensorInfo, torch.Tensor | RawTensor]] = []
+        self._pending_bytes = 0
+        self._closed = False
+        self._plan: list[list[TensorInfo]] | None = None
+        self._file: BinaryIO | None = None
+        self._next = 0  # planned mode: position in the current planned shard
+        if layout is not None:
+            layout = list(layout)
+            dup = _first_duplicate(e.name for e in layout)
+            if dup is not None:
+                raise OftMergeError(f"layout names tensor {dup!r} twice")
+            self._plan = _split(layout, self.max_shard_bytes)
+
+    # -- adding ----------------------------------------------------------------------------------
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Add one tensor (written now in planned mode, else when its shard is full or at close)."""
+        self._accept(_info(name, tensor), tensor)
+
+    def add_raw(self, name: str, raw: RawTensor) -> None:
+        """Add tensor ``name`` by copying its bytes from a safetensors file (never decoded)."""
+        if raw.dtype not in _ITEM_BYTES:
+            raise OftMergeError(f"{raw.path}: tensor {name!r} has dtype {raw.dtype}, which oftmerge cannot copy")
+        info = TensorInfo(name, raw.dtype, tuple(raw.shape))
+        if info.nbytes != raw.nbytes:
+            raise OftMergeError(f"{raw.path}: tensor {name!r} has {raw.nbytes} bytes, expected {info.nbytes} for {raw.dtype} {raw.shape}")
+        self._accept(info, raw)
+
+    def _accept(self, info: TensorInfo, payload: torch.Tensor | RawTensor) -> None:
+        if self._closed:
+            raise OftMergeError(f"tensor {info.name!r}: the writer is closed")
+        if info.name in self._names:
+            raise OftMergeError(f"tensor {info.name!r} added twice")
+        self._names.add(info.name)
+        if self._plan is not None:
+            self._write_planned(info, payload)
+            return
+        if self._pending and self._pending_bytes + info.nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending.append((info, payload))
+        self._pending_bytes += info.nbytes
+
+    def _write_planned(self, info: TensorInfo, payload: torch.Tensor | RawTensor) -> None:
+        assert self._plan is not None
+        k = len(self._done)
+        if k >= len(self._plan):
+            raise OftMergeError(f"tensor {info.name!r} was not in the layout given to the writer")
+        expected = self._plan[k][self._next]
+        if info != expected:
+            raise OftMergeError(
+                f"tensor {info.name!r} ({info.dtype}, shape {list(info.shape)}) does not match the layout, which expects "
+                f"{expected.name!r} ({expected.dtype}, shape {list(expected.shape)}) next"
+            )
+        if self._file is None:
+            self._file = open(self._temp_name(k), "wb")
+            self._file.write(_header_bytes(self._plan[k], self.metadata))
+        _write_payload(self._file, payload)
+        self._next += 1
+        if self._next == len(self._plan[k]):
+            self._file.close()
+            self._file = None
+            self._done.append(self._plan[k])
+            self._next = 0
+
+    def _flush(self) -> None:
+        entries = [info for info, _ in self._pending]
+        with open(self._temp_name(len(self._done)), "wb") as f:
+            f.write(_header_bytes(entries, self.metadata))
+            for _, payload in self._pending:
+                _write_payload(f, payload)
+        self._done.append(entries)
+        self._pending, self._pending_bytes = [], 0
+
+    def _temp_name(self, k: int) -> Path:
+        return self.directory / f".shard-{k + 1:05d}.tmp"
+
+    # -- closing ---------------------------------------------------------------------------------
+
+    def close(self) -> dict[str, Any]:
+        """Write what is left, give the shards their final names, write the index; return the index.
+
+        With a single shard the file is ``model.safetensors`` and no index
+        file is written (the returned index still maps every tensor to it).
+        """
+        if self._closed:
+            raise OftMergeError("the writer is already closed")
+        if self._plan is not None:
+            if len(self._done) != len(self._plan):
+                k = len(self._done)
+                missing = [e.name for e in self._plan[k][self._next :]] + [e.name for s in self._plan[k + 1 :] for e in s]
+                raise OftMergeError(f"closing before every tensor of the layout was added: missing {missing[:3]} ({len(missing)} in all)")
+        elif self._pending or not self._done:
+            self._flush()
+        self._closed = True
+        count = len(self._done)
+        names = [SINGLE_FILE] if count == 1 else [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
+        for k, final in enumerate(names):
+            os.replace(self._temp_name(k), self.directory / final)
+        weight_map = {e.name: names[k] for k, shard in enumerate(self._done) for e in shard}
+        index = {
+            "metadata": {
+                "total_parameters": sum(e.numel for s in self._done for e in s),
+                "total_size": sum(e.nbytes for s in self._done for e in s),
+            },
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        if count > 1:
+            with open(self.directory / INDEX_FILE, "w", encoding="utf-8") as f:
+                f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return index
+
+    def abort(self) -> None:
+        """Close any open shard file and delete what this writer wrote (the directory stays)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        for k in range(len(self._done) + 1):
+            self._temp_name(k).unlink(missing_ok=True)
+        self._pending = []
+        self._closed = True
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            if not self._closed:
+                self.close()
+        else:
+            self.abort()
+
+
+def _write_payload(f: BinaryIO, payload: torch.Tensor | RawTensor) -> None:
+    if isinstance(payload, RawTensor):
+        _copy_raw(f, payload)
+    else:
+        _write_tensor(f, payload)
+
+
+def _first_duplicate(names: Iterable[str]) -> str | None:
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            return n
+        seen.add(n)
+    return None
+
+
+# -- whole model directories ---------------------------------------------------------------------
+
+
+def _config(base_dir: Path) -> dict[str, Any]:
+    path = base_dir / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _ties_embeddings(config: Mapping[str, Any]) -> bool:
+    text = config.get("text_config")
+    if "tie_word_embeddings" in config:
+        return bool(config["tie_word_embeddings"])
+    if isinstance(text, dict) and "tie_word_embeddings" in text:
+        return bool(text["tie_word_embeddings"])
+    return True  # transformers' PretrainedConfig default
+
+
+def tied_embeddings(base_dir: str | os.PathLike[str], checkpoint: Checkpoint | None = None) -> tuple[str, str] | None:
+    """``(input embedding, output embedding)`` names when the base ties them and stores only the input one.
+
+    The output embedding is ``lm_head.weight`` (``transformers``' name for
+    every causal LM head); the input embedding is the stored 2-D tensor named
+    ``*embed_tokens.weight`` / ``*wte.weight`` / ``*word_embeddings.weight``
+    (or any ``*embed*.weight``) whose shape is ``(vocab_size, hidden)``.
+    None when nothing is tied or the pair cannot be found.
+    """
+    base_dir = Path(base_dir)
+    ckpt = checkpoint or Checkpoint(base_dir)
+    config = _config(base_dir)
+    if not _ties_embeddings(config) or "lm_head.weight" in ckpt:
+        return None
+    candidates = [k for k in ckpt.keys() if k.endswith((".embed_tokens.weight", ".wte.weight", ".word_embeddings.weight"))]
+    candidates = candidates or [k for k in ckpt.keys() if "embed" in k and k.endswith(".weight") and len(ckpt.shape(k)) == 2]
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    if vocab is not None:
+        candidates = [k for k in candidates if ckpt.shape(k)[0] == vocab]
+    return (candidates[0], "lm_head.weight") if len(candidates) == 1 else None
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.endswith(_WEIGHT_SUFFIXES) or name in _WEIGHT_INDEXES
+
+
+def _copy_small_files(base_dir: Path, tmp: Path, untie: bool) -> list[str]:
+    copied = []
+    for src in sorted(base_dir.iterdir()):
+        if src.name.startswith(".") or not src.is_file() or src.is_symlink() and not src.resolve().is_file():
+            continue
+        if _is_weight_file(src.name):
+            continue
+        if src.stat().st_size > MAX_COPIED_FILE_BYTES:
+            log.warning("%s: not copied (%d MB, larger than the %d MB limit for non-weight files)", src, src.stat().st_size >> 20, MAX_COPIED_FILE_BYTES >> 20)
+            continue
+        if src.name == "config.json" and untie:
+            config = _config(base_dir)
+            config["tie_word_embeddings"] = False
+            if isinstance(config.get("text_config"), dict):
+                config["text_config"]["tie_word_embeddings"] = False
+            (tmp / src.name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        else:
+            shutil.copyfile(src, tmp / src.name)
+        copied.append(src.name)
+    return copied
+
+
+def write_model(
+    base_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    tensor_fn: Callable[[str, torch.Tensor], torch.Tensor | None],
+    *,
+    shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    extra_files: Mapping[str, bytes | str] | None = None,
+    only: Callable[[str], bool] | Collection[str] | None = None,
+    untie: tuple[str, str] | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a copy of model directory ``base_dir`` to ``out_dir`` with every tensor passed through ``tensor_fn``.
+
+    See the module docstring for the rules (order, ``only``, copied files,
+    tied embeddings, atomicity). Returns ``out_dir`` (absolute).
+    """
+    base_dir = Path(base_dir)
+    ckpt = Checkpoint(base_dir)
+    out = Path(out_dir).absolute()
+    if out == base_dir.absolute() or base_dir.absolute().is_relative_to(out):
+        raise OftMergeError(f"{out}: the output would replace the base model {base_dir}; choose another output directory")
+    if only is None:
+        wanted: Callable[[str], bool] = lambda name: True  # noqa: E731
+    elif callable(only):
+        wanted = only
+    else:
+        names = set(only)
+        wanted = names.__contains__
+    keys = ckpt.keys_in_file_order()
+    if untie is not None:
+        source, target = untie
+        if source not in ckpt or target in ckpt:
+            raise OftMergeError(f"untie={untie!r}: {base_dir} must store {source!r} and not {target!r}")
+        keys = keys + [target]
+    layout = []
+    for key in keys:
+        src = untie[0] if untie is not None and key == untie[1] else key
+        raw = ckpt.raw(src)
+        if raw is not None:
+            layout.append(TensorInfo(key, raw.dtype, raw.shape))
+        else:
+            layout.append(TensorInfo(key, _dtype_name(ckpt.get(src), src), ckpt.shape(src)))
+
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        writer = ShardedWriter(tmp, max_shard_bytes=shard_size, metadata=metadata, layout=layout)
+        try:
+            for info in layout:
+                src = untie[0] if untie is not None and info.name == untie[1] else info.name
+                raw = ckpt.raw(src)
+                if wanted(info.name) or raw is None:
+                    tensor = ckpt.read(src)
+                    new = tensor_fn(info.name, tensor)
+                    if new is None and raw is not None:
+                        writer.add_raw(info.name, raw)
+                        continue
+                    new = tensor if new is None else new
+                    if tuple(new.shape) != info.shape or new.dtype != tensor.dtype:
+                        raise OftMergeError(
+                            f"tensor_fn changed {info.name!r} from {tensor.dtype} {list(info.shape)} to {new.dtype} "
+                            f"{list(new.shape)}; write_model keeps shapes and dtypes (use ShardedWriter directly otherwise)"
+                        )
+                    writer.add(info.name, new)
+                    del tensor, new
+                else:
+                    writer.add_raw(info.name, raw)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        _copy_small_files(base_dir, tmp, untie is not None)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return out
