@@ -18,6 +18,7 @@ log = logging.getLogger("oftmerge")
 #: Modules that add subcommands: each has ``register(subparsers)`` (kept apart so each stays small).
 SUBCOMMAND_MODULES: list[str] = [
     "oftmerge.cli_inspect",
+    "oftmerge.cli_demo",
 ]
 
 EPILOG_MERGE = """examples:
