@@ -62,13 +62,9 @@ def orthomerge(
     cancelled = (ratio < cancel_tol) & ~zero
     safe_s = torch.where(s_norm > 0, s_norm, torch.ones_like(s_norm))
     factor = torch.where(cancelled | zero, 1.0 / wabs.sum(), target / safe_s)
-    if per_block:
-        q = s * factor.view(-1, 1, 1)
-    else:
-        q = s * factor
-    c = float((wn / safe_s).max()) if not per_block else float((wn / safe_s).max())
+    q = s * (factor.view(-1, 1, 1) if per_block else factor)
     stats = {
-        "c": c if not bool(zero.all()) else 1.0,
+        "c": 1.0 if bool(zero.all()) else float((wn / safe_s).max()),  # worst block when per_block
         "cancelled": bool(cancelled.any()),
         "ratio": float(ratio.min()),
     }
