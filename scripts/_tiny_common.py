@@ -30,7 +30,7 @@ VOCAB_SIZE = 260
 NEWLINE = 10
 
 SEQ_LEN = 64  # tokens per training row (BOS included)
-THREADS = 2
+THREADS = 1  # one thread: bit-reproducible, and robust when the 2 cores are shared
 
 
 def setup_determinism(seed: int) -> None:
@@ -134,6 +134,28 @@ class RowMaker:
             loss += [0] * len(p) + [1] * len(a)
         pad = SEQ_LEN - len(ids)
         return ids + [PAD] * pad, loss + [0] * pad
+
+    def pool_row(self, pool: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+        """Like ``task_row`` but packs (prompt, answer) pairs drawn from ``pool`` (e.g. the base
+        model's own answers, for self-distillation replay); loss on the answers only."""
+        ids, loss = [BOS], [0]
+        while True:
+            prompt, answer = pool[self.rng.randrange(len(pool))]
+            p, a = encode_bytes(prompt), encode_bytes(answer)
+            if len(ids) + len(p) + len(a) > SEQ_LEN:
+                break
+            ids += p + a
+            loss += [0] * len(p) + [1] * len(a)
+        pad = SEQ_LEN - len(ids)
+        return ids + [PAD] * pad, loss + [0] * pad
+
+    @staticmethod
+    def collate(rows):
+        ids = torch.tensor([r[0] for r in rows], dtype=torch.long)
+        mask = torch.tensor([r[1] for r in rows], dtype=torch.bool)
+        labels = torch.where(mask, ids, torch.full_like(ids, -100))
+        labels[:, 0] = -100
+        return ids, labels
 
     def batch(self, batch_size: int, task_share: float, weights: dict[str, float]):
         """(input_ids, labels): ``task_share`` of the rows are task rows, the rest text rows."""
