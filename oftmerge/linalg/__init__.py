@@ -17,6 +17,14 @@ from oftmerge.linalg.groups import (
     polar,
     regrid_blocks,
 )
+from oftmerge.linalg.procrustes import (
+    CayleyDomainError,
+    ProcrustesInfo,
+    cayley_generator,
+    cayley_margin,
+    orthogonal_procrustes,
+    special_polar,
+)
 from oftmerge.linalg.skew import (
     block_size_from_packed,
     pack_skew,
@@ -25,17 +33,23 @@ from oftmerge.linalg.skew import (
 )
 
 __all__ = [
+    "CayleyDomainError",
+    "ProcrustesInfo",
     "RotationMap",
     "block_size_from_packed",
     "cayley",
+    "cayley_generator",
+    "cayley_margin",
     "coft_project",
     "inverse_cayley",
     "karcher_mean",
     "log_orthogonal",
     "neumann_series",
+    "orthogonal_procrustes",
     "pack_skew",
     "polar",
     "regrid_blocks",
     "skew_from_full",
+    "special_polar",
     "unpack_skew",
 ]
