@@ -7,6 +7,7 @@
 """
 
 from oftmerge._version import __version__
+from oftmerge.decouple import DecoupleResult, decouple_merge
 from oftmerge.errors import (
     AdapterFormatError,
     IncompatibleAdaptersError,
@@ -20,6 +21,7 @@ from oftmerge.methods import available_methods
 
 __all__ = [
     "AdapterFormatError",
+    "DecoupleResult",
     "IncompatibleAdaptersError",
     "MergeResult",
     "NumericalError",
@@ -28,6 +30,7 @@ __all__ = [
     "OutputExistsError",
     "__version__",
     "available_methods",
+    "decouple_merge",
     "merge_adapters",
     "read_adapter",
 ]

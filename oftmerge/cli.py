@@ -19,6 +19,7 @@ log = logging.getLogger("oftmerge")
 SUBCOMMAND_MODULES: list[str] = [
     "oftmerge.cli_inspect",
     "oftmerge.cli_demo",
+    "oftmerge.cli_decouple",
 ]
 
 EPILOG_MERGE = """examples:

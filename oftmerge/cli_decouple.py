@@ -1,0 +1,95 @@
+"""``oftmerge decouple``: merge LoRA adapters and full finetunes into one model (see :mod:`oftmerge.decouple`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+EPILOG = """examples:
+  oftmerge decouple --base base lora-a lora-b full-c -o merged
+  oftmerge decouple --base base A B -o merged --euclidean ties --option density=0.2 --orthogonal orthomerge --target conflict
+  oftmerge decouple --base base A B -o ta-only --euclidean ta --orthogonal none     # the plain Euclidean baseline
+  oftmerge decouple --base base A B --dry-run                                       # which tensors, which path
+
+Each 2-D weight W0 is split per expert into a rotation (Procrustes, W0 R_i ~ target) and a residual;
+rotations are merged in so(d), residuals with the Euclidean method, W = W0 R_m + rho_m. Embeddings and
+tensors that are not 2-D use the Euclidean method alone. docs/decoupling.md has the definitions.
+"""
+
+
+def _cmd_decouple(args: argparse.Namespace) -> int:
+    from oftmerge.cli import _parse_options, _parse_weights, _progress
+    from oftmerge.decouple import decouple_merge
+    from oftmerge.errors import OftMergeError
+
+    if args.output is None and not args.dry_run:
+        raise OftMergeError("give an output directory with -o/--output (or --dry-run to only see the plan)")
+    result = decouple_merge(
+        args.base,
+        args.experts,
+        euclidean=args.euclidean,
+        orthogonal=None if args.orthogonal == "none" else args.orthogonal,
+        target=args.target,
+        procrustes=args.procrustes,
+        weights=_parse_weights(args.weights),
+        euclidean_options=_parse_options(args.option),
+        orthogonal_options=_parse_options(args.orthogonal_option),
+        max_rotation=args.max_rotation,
+        on_domain_error=args.on_domain_error,
+        euclidean_only=args.euclidean_only,
+        out_dir=args.output,
+        overwrite=args.overwrite,
+        shard_size=args.shard_size,
+        dry_run=args.dry_run,
+        progress=_progress(not args.quiet),
+    )
+    if args.json:
+        data = result.provenance()
+        data["output"] = str(result.out_dir) if result.out_dir else None
+        data["dry_run"] = args.dry_run
+        data["plan"] = result.plan
+        print(json.dumps(data, indent=2, sort_keys=True))
+    elif not args.quiet:
+        print(result.summary(max_rows=args.show))
+        print("dry run: nothing written" if args.dry_run else f"wrote {result.out_dir}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from oftmerge.decouple import ON_DOMAIN_ERROR, TARGETS, MAX_ROTATION
+    from oftmerge.linalg.procrustes import SOLVERS
+    from oftmerge.methods import available_methods
+    from oftmerge.methods.euclidean import euclidean_methods
+
+    p = sub.add_parser(
+        "decouple",
+        help="merge LoRA adapters / full finetunes into one full model (orthogonal-residual decoupling)",
+        description="Merge PEFT LoRA adapters and fully finetuned models of one base into a full model: rotations "
+        "merged on the orthogonal group, residuals with TA / TIES / DARE / TSV-M (OrthoMerge, section 3.3).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("experts", nargs="+", metavar="EXPERT", help="LoRA adapter directories and/or full model directories")
+    p.add_argument("--base", required=True, help="base model directory (transformers checkpoint)")
+    p.add_argument("-o", "--output", help="output model directory (written atomically)")
+    p.add_argument("--euclidean", default="ties", choices=list(euclidean_methods()), help="method for residuals (default: %(default)s)")
+    p.add_argument("--orthogonal", default="orthomerge", choices=[*available_methods(), "none"],
+                   help="so(d) method for the rotations; 'none' = the Euclidean method alone (default: %(default)s)")
+    p.add_argument("--target", default="global", choices=TARGETS, help="Procrustes target: W_i, or only the conflicting rows (default: %(default)s)")
+    p.add_argument("--procrustes", default="robust", choices=SOLVERS,
+                   help="robust (SO(d), null space anchored), reference (the paper's plain SVD), fast (checked Newton) (default: %(default)s)")
+    p.add_argument("--weights", help="comma-separated weight per expert")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="Euclidean method option, e.g. density=0.2, p=0.5, seed=1, scale=1")
+    p.add_argument("--orthogonal-option", action="append", default=[], metavar="KEY=VALUE", help="so(d) method option, e.g. per_block=true")
+    p.add_argument("--max-rotation", type=float, default=MAX_ROTATION,
+                   help="largest ||W0 R_m - W0|| / max ||tau_i|| before a tensor falls back to the Euclidean method (default: %(default)s)")
+    p.add_argument("--on-domain-error", default="log", choices=ON_DOMAIN_ERROR,
+                   help="a rotation outside the Cayley chart: merge in the log chart, fall back, or stop (default: %(default)s)")
+    p.add_argument("--euclidean-only", action="append", default=[], metavar="REGEX", help="tensor names never decoupled (repeatable)")
+    p.add_argument("--shard-size", default="5GB", help="largest shard of the output (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--dry-run", action="store_true", help="print the plan; merge and write nothing")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--show", type=int, default=12, help="tensors listed in the summary (default: %(default)s)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    p.set_defaults(func=_cmd_decouple)

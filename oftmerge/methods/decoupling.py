@@ -1,0 +1,223 @@
+"""Orthogonal-residual decoupling of one weight tensor: the math, no files (OrthoMerge, section 3.3).
+
+For a 2-D weight ``W0`` ``(out, in)`` (torch layout) and the experts' versions ``W_i``::
+
+    T_i   = W_i                                   target "global"
+          = W0 + tau_i * mask_i                   target "conflict": the rows (output neurons) whose
+                                                  cosine with tau_mean's row is negative
+    R_i   = argmin_R ||T_i - W0 R||_F             Procrustes (oftmerge.linalg.procrustes), R in SO(in)
+    Q_i   = cayley^-1(R_i);  Q_m = so(d) method(Q_1..Q_N);  R_m = cayley(Q_m)
+    rho_i = W_i - W0 R_i
+
+:func:`decompose` returns ``W0 R_m`` and the residuals ``rho_i``; the caller merges the
+residuals with a Euclidean method (:mod:`oftmerge.methods.euclidean`) and adds them:
+``W = W0 R_m + rho_m``. The so(d) methods are the OFT registry's
+(:func:`oftmerge.methods.get_method`), applied to a stack ``(N, 1, in, in)``: one block
+of the full width. Our generator is ``Q = (I - R)(I + R)^-1`` (the repository's Cayley
+convention, the paper's with the opposite sign); the so(d) methods are linear or
+sign-symmetric in ``Q``, so the merge is the same.
+
+>>> import torch
+>>> w0 = torch.randn(8, 8, dtype=torch.float64)
+>>> ws = w0 + 0.01 * torch.randn(2, 8, 8, dtype=torch.float64)
+>>> dec = decompose("w", w0, ws, torch.ones(2, dtype=torch.float64), Settings(euclidean="ta"))
+>>> dec.report.path, dec.parts.shape
+('decoupled', torch.Size([2, 8, 8]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from oftmerge.errors import NumericalError
+from oftmerge.linalg import cayley, log_orthogonal
+from oftmerge.linalg.procrustes import CayleyDomainError, cayley_generator, cayley_margin, orthogonal_procrustes
+from oftmerge.methods.registry import get_method
+
+__all__ = ["Decomposition", "LayerReport", "Settings", "conflict_mask", "decompose"]
+
+TARGETS = ("global", "conflict")
+ON_DOMAIN_ERROR = ("log", "euclidean", "error")
+#: a merged rotation may move ``W0`` by at most this many times the largest task vector of the layer.
+MAX_ROTATION = 3.0
+#: so(d) methods that are linear in the generators: they may merge in the exponential chart too.
+_CHART_FREE = ("orthomerge", "mean_q")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every option of one decoupling run (recorded in ``oftmerge.json``)."""
+
+    euclidean: str = "ties"
+    euclidean_options: Mapping[str, Any] = field(default_factory=dict)
+    orthogonal: str | None = "orthomerge"
+    orthogonal_options: Mapping[str, Any] = field(default_factory=dict)
+    target: str = "global"
+    procrustes: str = "robust"
+    anchor: float = 1e-6
+    cayley_margin: float = 1e-2
+    max_rotation: float = MAX_ROTATION
+    on_domain_error: str = "log"
+    euclidean_only: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["euclidean_options"] = dict(self.euclidean_options)
+        d["orthogonal_options"] = dict(self.orthogonal_options)
+        d["euclidean_only"] = list(self.euclidean_only)
+        return d
+
+
+@dataclass
+class LayerReport:
+    """What the merge did to one tensor: which path, and the decoupling diagnostics."""
+
+    name: str
+    shape: tuple[int, ...]
+    path: str  #: "decoupled", "euclidean" (by design) or "fallback: <reason>"
+    experts: tuple[int, ...]  #: indices (canonical order) of the experts that change this tensor
+    task_norms: tuple[float, ...]  #: ||W_i - W0||_F
+    q_norms: tuple[float, ...] = ()  #: ||Q_i||_F (decoupled layers)
+    fits: tuple[float | None, ...] = ()  #: ||T_i - W0 R_i|| / ||T_i - W0|| (None when T_i = W0)
+    conflict_rows: tuple[int, ...] = ()  #: rows kept in each conflict target
+    rotation_shift: float = 0.0  #: ||W0 R_m - W0||_F
+    residual_norm: float = 0.0  #: ||rho_m||_F (or of the merged task vector)
+    merged_ortho_error: float = 0.0  #: ||R_m^T R_m - I||_F
+    min_margin: float = 2.0  #: min_i of the smallest singular value of I + R_i
+    det_flips: int = 0
+    chart: str = ""  #: "cayley" or "log" (decoupled layers)
+    notes: tuple[str, ...] = ()
+    stats: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stats"] = dict(self.stats)
+        return d
+
+
+@dataclass
+class Decomposition:
+    """A tensor split for the Euclidean method: ``W = base_part + method(parts)``."""
+
+    base_part: torch.Tensor  #: ``W0 R_m`` (decoupled) or ``W0``
+    parts: torch.Tensor  #: ``(N, *shape)``: residuals ``rho_i`` or task vectors ``tau_i``
+    report: LayerReport
+
+
+def conflict_mask(taus: torch.Tensor) -> torch.Tensor:
+    """``(N, out)`` boolean: rows of ``tau_i`` whose cosine with ``tau_mean``'s row is negative.
+
+    A zero row (in ``tau_i`` or in the mean) has cosine 0 and is not a conflict.
+    """
+    mean = taus.mean(0, keepdim=True)
+    dots = (taus * mean).sum(-1)
+    norms = torch.linalg.vector_norm(taus, dim=-1) * torch.linalg.vector_norm(mean, dim=-1)
+    cos = torch.where(norms > 0, dots / torch.where(norms > 0, norms, torch.ones_like(norms)), torch.zeros_like(dots))
+    return cos < 0
+
+
+def _norm(x: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(x))
+
+
+def _euclidean_only(name: str, settings: Settings, reason: str, w0: torch.Tensor, taus: torch.Tensor, experts: tuple[int, ...]) -> Decomposition:
+    norms = tuple(_norm(t) for t in taus)
+    return Decomposition(w0, taus, LayerReport(name, tuple(w0.shape), reason, experts, norms))
+
+
+def decompose(
+    name: str,
+    w0: torch.Tensor,
+    ws: torch.Tensor,
+    weights: torch.Tensor,
+    settings: Settings,
+    *,
+    decouple: bool = True,
+    experts: tuple[int, ...] | None = None,
+) -> Decomposition:
+    """Split one tensor for the Euclidean merge (pure math: float64 tensors in, no files).
+
+    ``w0`` is the base tensor, ``ws`` ``(N, *shape)`` the experts' versions, ``weights``
+    ``(N,)``. With ``decouple`` (2-D weights that are not embeddings) and an orthogonal
+    method set, returns ``W0 R_m`` and the residuals; otherwise ``W0`` and the task
+    vectors. Safety nets (see ``docs/decoupling.md``): a rotation outside the Cayley
+    chart's domain (``on_domain_error``) and a merged rotation that moves ``W0`` by more
+    than ``max_rotation`` times the largest task vector fall back to the Euclidean
+    method alone for this tensor, with the reason in the report.
+    """
+    experts = tuple(range(ws.shape[0])) if experts is None else experts
+    taus = ws - w0
+    if not decouple or settings.orthogonal is None:
+        return _euclidean_only(name, settings, "euclidean", w0, taus, experts)
+    reference = settings.procrustes == "reference"
+    task_norms = tuple(_norm(t) for t in taus)
+    if settings.target == "conflict":
+        mask = conflict_mask(taus)
+        targets = w0 + taus * mask.unsqueeze(-1).to(taus.dtype)
+        rows = tuple(int(m.sum()) for m in mask)
+    else:
+        targets, rows = ws, ()
+    del taus
+    fits, flips, notes, rotations = [], 0, [], []
+    rhos = torch.empty_like(ws)
+    for i in range(ws.shape[0]):
+        r, info = orthogonal_procrustes(w0, targets[i], solver=settings.procrustes, anchor=settings.anchor)  # type: ignore[arg-type]
+        flips += int(info.det_flipped)
+        if info.fell_back:
+            notes.append(f"expert {experts[i]}: fast solver fell back ({info.reason})")
+        rot = w0 @ r
+        moved = _norm(targets[i] - w0)
+        fits.append(_norm(targets[i] - rot) / moved if moved > 0 else None)
+        rhos[i] = ws[i] - rot
+        rotations.append(r)
+    del targets
+    report = LayerReport(name, tuple(w0.shape), "decoupled", experts, task_norms, fits=tuple(fits),
+                         conflict_rows=rows, det_flips=flips, chart="cayley", notes=tuple(notes))
+
+    def fallback(reason: str) -> Decomposition:
+        report.path = f"fallback: {reason}"
+        return Decomposition(w0, ws - w0, report)
+
+    where = f"tensor {name!r}"
+    qs = []
+    try:
+        for r in rotations:
+            qs.append(cayley_generator(r, margin=0.0 if reference else settings.cayley_margin, where=where)[0])
+    except CayleyDomainError as exc:
+        if settings.on_domain_error == "error":
+            raise CayleyDomainError(
+                f"{exc}. Options: procrustes='robust' (special-orthogonal, anchored), on_domain_error='log' or "
+                "'euclidean', or target='conflict' (smaller rotations)"
+            ) from None
+        if settings.on_domain_error != "log" or settings.orthogonal not in _CHART_FREE:
+            return fallback(str(exc))
+        try:
+            qs, report.chart = [log_orthogonal(r.unsqueeze(0))[0] for r in rotations], "log"
+        except ValueError:
+            return fallback(f"{exc}, and a rotation has no real logarithm")
+    report.min_margin = min(cayley_margin(r) for r in rotations)
+    report.q_norms = tuple(_norm(q) for q in qs)
+    del rotations
+    method = get_method(settings.orthogonal)
+    q_m, so_stats = method(torch.stack(qs).unsqueeze(1), weights, **method.resolve_options(dict(settings.orthogonal_options)))
+    del qs  # (N, 1, d, d) above: one block of the full width
+    r_m = cayley(q_m)[0] if report.chart == "cayley" else torch.linalg.matrix_exp(q_m)[0]
+    base_part = w0 @ r_m
+    if not bool(torch.isfinite(base_part).all()):
+        raise NumericalError(f"{where}: the merged rotation is not finite (procrustes={settings.procrustes}); nothing was written")
+    report.rotation_shift = _norm(base_part - w0)
+    report.merged_ortho_error = _norm(r_m.T @ r_m - torch.eye(r_m.shape[0], dtype=r_m.dtype))
+    report.stats = {k: v for k, v in so_stats.items() if isinstance(v, (int, float, bool, str))}
+    if report.rotation_shift > settings.max_rotation * max(task_norms):
+        msg = (
+            f"merged rotation moves W0 by {report.rotation_shift:.3g} = {report.rotation_shift / max(task_norms):.3g}x "
+            f"the largest task vector (limit max_rotation={settings.max_rotation:g})"
+        )
+        if not reference:
+            return fallback(msg)
+        report.notes = report.notes + (msg,)  # the reference path reproduces the paper's code: report only
+    return Decomposition(base_part, rhos, report)
