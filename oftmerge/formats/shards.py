@@ -55,16 +55,24 @@ same bytes) and both safe to kill at any moment when used inside
   tokenizer files, chat templates, ...: top-level regular files that are not
   weights, not hidden, at most :data:`MAX_COPIED_FILE_BYTES`) are copied;
   ``extra_files`` (name -> bytes or str) are written last and win.
-* Tied embeddings: a base whose config ties the output embedding to the
-  input one and whose checkpoint stores only the input embedding keeps it
-  that way: no ``lm_head.weight`` is invented. A caller that changes only one
-  side of a tied pair passes ``untie=(source, target)``: ``target`` is added
-  (after the base's tensors) as ``tensor_fn(target, <source as stored in the
-  base>)``, and ``tie_word_embeddings`` is set to ``false`` in ``config.json``
-  so ``transformers`` keeps the two apart on loading.
+* Tied embeddings (:func:`tied_embeddings` finds the pair): a base whose
+  config ties the output embedding to the input one and whose checkpoint
+  stores only the input embedding keeps it that way: no ``lm_head.weight`` is
+  invented. A caller that changes only one side of a tied pair passes
+  ``untie=(source, target)``: ``target`` is added (after the base's tensors)
+  as ``tensor_fn(target, <source as stored in the base>)``, and
+  ``tie_word_embeddings`` is set to ``false`` in ``config.json`` so
+  ``transformers`` keeps the two apart on loading. (When the base stores
+  both, pass ``config_updates={"tie_word_embeddings": False}`` instead.)
 * The output appears all at once: it is built in a temporary directory beside
-  ``out_dir`` and renamed into place at the end. An existing ``out_dir``
-  raises :class:`~oftmerge.errors.OutputExistsError` unless ``overwrite``.
+  ``out_dir`` (``.<name>.partial-*``) and renamed into place at the end. An
+  existing ``out_dir`` raises :class:`~oftmerge.errors.OutputExistsError`
+  unless ``overwrite``. A run that is killed (SIGKILL, power loss) cannot
+  clean up; its temporary directory holds a marker with its process id, and
+  the next :func:`write_model` to the same ``out_dir`` deletes it once that
+  process is gone.
+* :func:`plan_model` returns the shards :func:`write_model` would write
+  (names, dtypes, shapes), for dry runs.
 """
 
 from __future__ import annotations
@@ -90,6 +98,7 @@ __all__ = [
     "ShardedWriter",
     "TensorInfo",
     "parse_size",
+    "plan_model",
     "tied_embeddings",
     "write_model",
 ]
@@ -427,6 +436,8 @@ def _config(base_dir: Path) -> dict[str, Any]:
 
 
 def _ties_embeddings(config: Mapping[str, Any]) -> bool:
+    if not config:  # no config.json: not a transformers model, nothing to tie
+        return False
     text = config.get("text_config")
     if "tie_word_embeddings" in config:
         return bool(config["tie_word_embeddings"])
@@ -436,21 +447,23 @@ def _ties_embeddings(config: Mapping[str, Any]) -> bool:
 
 
 def tied_embeddings(base_dir: str | os.PathLike[str], checkpoint: Checkpoint | None = None) -> tuple[str, str] | None:
-    """``(input embedding, output embedding)`` names when the base ties them and stores only the input one.
+    """``(input embedding, output embedding)`` tensor names when the base's config ties them, else None.
 
     The output embedding is ``lm_head.weight`` (``transformers``' name for
-    every causal LM head); the input embedding is the stored 2-D tensor named
-    ``*embed_tokens.weight`` / ``*wte.weight`` / ``*word_embeddings.weight``
-    (or any ``*embed*.weight``) whose shape is ``(vocab_size, hidden)``.
-    None when nothing is tied or the pair cannot be found.
+    every causal LM head), whether the checkpoint stores it or not; the input
+    embedding is the stored 2-D tensor named ``*embed_tokens.weight`` /
+    ``*wte.weight`` / ``*word_embeddings.weight`` (or else any
+    ``*embed*.weight``) with ``vocab_size`` rows. None also when that tensor
+    cannot be told apart.
     """
     base_dir = Path(base_dir)
     ckpt = checkpoint or Checkpoint(base_dir)
     config = _config(base_dir)
-    if not _ties_embeddings(config) or "lm_head.weight" in ckpt:
+    if not _ties_embeddings(config):
         return None
-    candidates = [k for k in ckpt.keys() if k.endswith((".embed_tokens.weight", ".wte.weight", ".word_embeddings.weight"))]
-    candidates = candidates or [k for k in ckpt.keys() if "embed" in k and k.endswith(".weight") and len(ckpt.shape(k)) == 2]
+    keys = [k for k in ckpt.keys() if k != "lm_head.weight"]
+    candidates = [k for k in keys if k.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight"))]
+    candidates = candidates or [k for k in keys if "embed" in k and k.endswith(".weight") and len(ckpt.shape(k)) == 2]
     vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
     if vocab is not None:
         candidates = [k for k in candidates if ckpt.shape(k)[0] == vocab]
@@ -461,26 +474,74 @@ def _is_weight_file(name: str) -> bool:
     return name.endswith(_WEIGHT_SUFFIXES) or name in _WEIGHT_INDEXES
 
 
-def _copy_small_files(base_dir: Path, tmp: Path, untie: bool) -> list[str]:
+def _updated_config(base_dir: Path, updates: Mapping[str, Any]) -> bytes:
+    config = _config(base_dir)
+    config.update(updates)
+    text = config.get("text_config")
+    if "tie_word_embeddings" in updates and isinstance(text, dict) and "tie_word_embeddings" in text:
+        text["tie_word_embeddings"] = updates["tie_word_embeddings"]
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def _copy_small_files(base_dir: Path, tmp: Path, config_updates: Mapping[str, Any]) -> list[str]:
     copied = []
     for src in sorted(base_dir.iterdir()):
-        if src.name.startswith(".") or not src.is_file() or src.is_symlink() and not src.resolve().is_file():
+        if src.name.startswith(".") or not src.is_file() or _is_weight_file(src.name):
             continue
-        if _is_weight_file(src.name):
+        size = src.stat().st_size
+        if size > MAX_COPIED_FILE_BYTES:
+            log.warning("%s: not copied (%d MB, over the %d MB limit for non-weight files)", src, size >> 20, MAX_COPIED_FILE_BYTES >> 20)
             continue
-        if src.stat().st_size > MAX_COPIED_FILE_BYTES:
-            log.warning("%s: not copied (%d MB, larger than the %d MB limit for non-weight files)", src, src.stat().st_size >> 20, MAX_COPIED_FILE_BYTES >> 20)
-            continue
-        if src.name == "config.json" and untie:
-            config = _config(base_dir)
-            config["tie_word_embeddings"] = False
-            if isinstance(config.get("text_config"), dict):
-                config["text_config"]["tie_word_embeddings"] = False
-            (tmp / src.name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if src.name == "config.json" and config_updates:
+            (tmp / src.name).write_bytes(_updated_config(base_dir, config_updates))
         else:
             shutil.copyfile(src, tmp / src.name)
         copied.append(src.name)
     return copied
+
+
+def plan_model(
+    base: str | os.PathLike[str] | Checkpoint, shard_size: int | str = "5GB", *, untie: tuple[str, str] | None = None
+) -> list[list[TensorInfo]]:
+    """The shards :func:`write_model` would write for this base: lists of :class:`TensorInfo`, in order."""
+    ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base)
+    keys = ckpt.keys_in_file_order()
+    if untie is not None:
+        source, target = untie
+        if source not in ckpt or target in ckpt:
+            raise OftMergeError(f"untie={untie!r}: {ckpt.path} must store {source!r} and not {target!r}")
+        keys.append(target)
+    layout = []
+    for key in keys:
+        src = untie[0] if untie is not None and key == untie[1] else key
+        raw = ckpt.raw(src)
+        if raw is not None:
+            layout.append(TensorInfo(key, raw.dtype, raw.shape))
+        else:
+            layout.append(TensorInfo(key, _dtype_name(ckpt.get(src), src), ckpt.shape(src)))
+    return _split(layout, parse_size(shard_size))
+
+
+def _marker(tmp: Path) -> Path:
+    """The file beside a temporary output directory that names the process writing it."""
+    return tmp.with_name(tmp.name + ".pid")
+
+
+def _remove_stale_partials(target: Path) -> None:
+    """Delete temporary directories of earlier runs for ``target`` whose writer process is gone (killed)."""
+    if not target.parent.is_dir():
+        return
+    for marker in target.parent.glob(f".{target.name}.partial-*.pid"):
+        try:
+            pid = int(marker.read_text())
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            tmp = marker.with_name(marker.name[: -len(".pid")])
+            log.info("removing %s, left by a run that was killed (pid %d)", tmp, pid)
+            shutil.rmtree(tmp, ignore_errors=True)
+            marker.unlink(missing_ok=True)
+        except (OSError, ValueError):  # unreadable, or the process is alive (or not ours to signal)
+            continue
 
 
 def write_model(
@@ -493,12 +554,17 @@ def write_model(
     extra_files: Mapping[str, bytes | str] | None = None,
     only: Callable[[str], bool] | Collection[str] | None = None,
     untie: tuple[str, str] | None = None,
+    config_updates: Mapping[str, Any] | None = None,
     metadata: Mapping[str, str] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> Path:
     """Write a copy of model directory ``base_dir`` to ``out_dir`` with every tensor passed through ``tensor_fn``.
 
     See the module docstring for the rules (order, ``only``, copied files,
-    tied embeddings, atomicity). Returns ``out_dir`` (absolute).
+    tied embeddings, atomicity). ``config_updates`` are set in the copied
+    ``config.json``; ``metadata`` is added to every shard's header;
+    ``progress(done, total, name)`` is called after each tensor. Returns
+    ``out_dir`` (absolute).
     """
     base_dir = Path(base_dir)
     ckpt = Checkpoint(base_dir)
@@ -507,53 +573,66 @@ def write_model(
         raise OftMergeError(f"{out}: the output would replace the base model {base_dir}; choose another output directory")
     if only is None:
         wanted: Callable[[str], bool] = lambda name: True  # noqa: E731
-    elif callable(only):
-        wanted = only
     else:
-        names = set(only)
-        wanted = names.__contains__
-    keys = ckpt.keys_in_file_order()
+        wanted = only if callable(only) else set(only).__contains__
+    shards = plan_model(ckpt, shard_size, untie=untie)
+    layout = [info for shard in shards for info in shard]
+    updates = dict(config_updates or {})
     if untie is not None:
-        source, target = untie
-        if source not in ckpt or target in ckpt:
-            raise OftMergeError(f"untie={untie!r}: {base_dir} must store {source!r} and not {target!r}")
-        keys = keys + [target]
-    layout = []
-    for key in keys:
-        src = untie[0] if untie is not None and key == untie[1] else key
-        raw = ckpt.raw(src)
-        if raw is not None:
-            layout.append(TensorInfo(key, raw.dtype, raw.shape))
-        else:
-            layout.append(TensorInfo(key, _dtype_name(ckpt.get(src), src), ckpt.shape(src)))
-
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        writer = ShardedWriter(tmp, max_shard_bytes=shard_size, metadata=metadata, layout=layout)
-        try:
-            for info in layout:
-                src = untie[0] if untie is not None and info.name == untie[1] else info.name
-                raw = ckpt.raw(src)
-                if wanted(info.name) or raw is None:
-                    tensor = ckpt.read(src)
-                    new = tensor_fn(info.name, tensor)
-                    if new is None and raw is not None:
-                        writer.add_raw(info.name, raw)
-                        continue
-                    new = tensor if new is None else new
-                    if tuple(new.shape) != info.shape or new.dtype != tensor.dtype:
-                        raise OftMergeError(
-                            f"tensor_fn changed {info.name!r} from {tensor.dtype} {list(info.shape)} to {new.dtype} "
-                            f"{list(new.shape)}; write_model keeps shapes and dtypes (use ShardedWriter directly otherwise)"
-                        )
-                    writer.add(info.name, new)
-                    del tensor, new
-                else:
-                    writer.add_raw(info.name, raw)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        _copy_small_files(base_dir, tmp, untie is not None)
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        updates["tie_word_embeddings"] = False
+    _remove_stale_partials(out)
+    marker: Path | None = None
+    try:
+        with atomic_directory(out, overwrite=overwrite) as tmp:
+            marker = _marker(tmp)
+            marker.write_text(str(os.getpid()))
+            _write_tensors(ckpt, tmp, layout, tensor_fn, wanted, untie, shard_size, metadata, progress)
+            _copy_small_files(base_dir, tmp, updates)
+            for name, data in (extra_files or {}).items():
+                (tmp / name).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    finally:
+        if marker is not None:
+            marker.unlink(missing_ok=True)
     return out
+
+
+def _write_tensors(
+    ckpt: Checkpoint,
+    tmp: Path,
+    layout: list[TensorInfo],
+    tensor_fn: Callable[[str, torch.Tensor], torch.Tensor | None],
+    wanted: Callable[[str], bool],
+    untie: tuple[str, str] | None,
+    shard_size: int | str,
+    metadata: Mapping[str, str] | None,
+    progress: Callable[[int, int, str], None] | None,
+) -> None:
+    """Stream every tensor of ``layout`` into shards in ``tmp`` (see :func:`write_model`)."""
+    writer = ShardedWriter(tmp, max_shard_bytes=shard_size, metadata=metadata, layout=layout)
+    try:
+        for done, info in enumerate(layout, 1):
+            src = untie[0] if untie is not None and info.name == untie[1] else info.name
+            raw = ckpt.raw(src)
+            new = None
+            if wanted(info.name) or raw is None:
+                tensor = ckpt.read(src)
+                new = tensor_fn(info.name, tensor)
+                if new is not None and (tuple(new.shape) != info.shape or new.dtype != tensor.dtype):
+                    raise OftMergeError(
+                        f"tensor_fn changed {info.name!r} from {tensor.dtype} {list(info.shape)} to {new.dtype} "
+                        f"{list(new.shape)}; write_model keeps shapes and dtypes (use ShardedWriter directly otherwise)"
+                    )
+                if new is None and raw is None:
+                    new = tensor
+                del tensor
+            if new is None:
+                writer.add_raw(info.name, raw)  # type: ignore[arg-type]
+            else:
+                writer.add(info.name, new)
+            del new
+            if progress is not None:
+                progress(done, len(layout), info.name)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
