@@ -18,6 +18,8 @@ from oftmerge.errors import (
 from oftmerge.formats import OftAdapter, read_adapter
 from oftmerge.merge import MergeResult, merge_adapters
 from oftmerge.methods import available_methods
+from oftmerge.model_fold import FoldResult, fold_adapter
+from oftmerge.hub import push_folder
 
 __all__ = [
     "AdapterFormatError",
@@ -33,4 +35,7 @@ __all__ = [
     "decouple_merge",
     "merge_adapters",
     "read_adapter",
+    "FoldResult",
+    "fold_adapter",
+    "push_folder",
 ]

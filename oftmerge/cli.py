@@ -19,6 +19,7 @@ log = logging.getLogger("oftmerge")
 SUBCOMMAND_MODULES: list[str] = [
     "oftmerge.cli_inspect",
     "oftmerge.cli_demo",
+    "oftmerge.cli_fold",
     "oftmerge.cli_decouple",
 ]
 
@@ -77,13 +78,17 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         scale=args.scale,
         cayley=args.cayley,
         method_options=_parse_options(args.option),
-        base=args.base,
+        base=args.base or args.fold_into,
         peft_release=args.peft_release,
         allow_base_mismatch=args.allow_base_mismatch,
         dry_run=args.dry_run,
         progress=_progress(not args.quiet),
     )
-    if not args.dry_run:
+    if not args.dry_run and args.fold_into:
+        from oftmerge.model_fold import fold_adapter
+
+        fold_adapter(result, args.fold_into, args.output, overwrite=args.overwrite)
+    elif not args.dry_run:
         result.save(args.output, overwrite=args.overwrite)
     if args.json:
         data = result.provenance()
@@ -150,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--base", help="base model directory: checks shapes, gives widths of block_share layers")
     m.add_argument("--peft-release", help="PEFT release that wrote the inputs, when their config does not record it")
     m.add_argument("--allow-base-mismatch", action="store_true", help="merge adapters whose configs name different base models")
+    m.add_argument("--fold-into", metavar="BASE", help="write a full model instead: the merge folded into base model directory BASE (see `oftmerge fold`)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     m.add_argument("--dry-run", action="store_true", help="print the plan; read no generator, write nothing")
     m.add_argument("--json", action="store_true", help="print the report as JSON")

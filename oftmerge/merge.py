@@ -415,6 +415,8 @@ def merge_adapters(
     allow_base_mismatch: bool = False,
     dry_run: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
+    output: str = "adapter",
+    shard_size: int | str = "5GB",
 ) -> MergeResult:
     """Merge OFT adapters into one OFT adapter, module by module, in so(b).
 
@@ -442,6 +444,9 @@ def merge_adapters(
         dry_run: only plan: read configs and tensor shapes, report what would be
             written, load no generator.
         progress: called as ``progress(done, total, module)`` after each module.
+        output: ``"adapter"`` writes the merged adapter to ``out_dir``;
+            ``"model"`` folds it into ``base`` and writes a full model there
+            (:func:`oftmerge.model_fold.fold_adapter`, shards of ``shard_size``).
 
     Returns:
         A :class:`MergeResult`: ``.tensors`` and ``.config`` of the merged
@@ -452,6 +457,8 @@ def merge_adapters(
     """
     if len(adapters) == 0:
         raise OftMergeError("no adapters given: pass at least one adapter directory")
+    if output not in ("adapter", "model") or (output == "model" and base is None):
+        raise OftMergeError(f"output={output!r}: use 'adapter', or 'model' together with base=<base model directory>")
     if not math.isfinite(scale):
         raise OftMergeError(f"scale must be a finite number, got {scale!r}")
     releases = list(peft_release) if isinstance(peft_release, (list, tuple)) else [peft_release] * len(adapters)
@@ -586,7 +593,11 @@ def merge_adapters(
         )
     for w_ in warnings:
         log.warning(w_)
-    if out_dir is not None:
+    if out_dir is not None and output == "model":
+        from oftmerge.model_fold import fold_adapter
+
+        fold_adapter(result, base, out_dir, shard_size=shard_size, overwrite=overwrite)  # type: ignore[arg-type]
+    elif out_dir is not None:
         result.save(out_dir, overwrite=overwrite)
     return result
 

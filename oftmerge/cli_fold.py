@@ -1,0 +1,109 @@
+"""``oftmerge fold`` (an adapter into a full model) and ``oftmerge push`` (a directory to the Hub)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+EPILOG_FOLD = """examples:
+  oftmerge fold adapters/oft-upper --base base-model -o folded
+  oftmerge fold ADAPTER --base BASE -o OUT --shard-size 2GB --overwrite
+  oftmerge fold ADAPTER --base BASE --dry-run       # the plan: modules, shards, size
+  oftmerge merge A B --fold-into BASE -o OUT        # merge, then fold the merge
+
+The folded directory loads with AutoModelForCausalLM.from_pretrained(OUT), without PEFT,
+and equals PeftModel.from_pretrained(base, ADAPTER).merge_and_unload().
+"""
+
+EPILOG_PUSH = """examples:
+  oftmerge push folded my-user/my-model --dry-run   # list files and sizes, send nothing
+  oftmerge push folded my-user/my-model --private   # needs `hf auth login` (or HF_TOKEN)
+"""
+
+
+def _cmd_fold(args: argparse.Namespace) -> int:
+    from oftmerge.cli import _progress
+    from oftmerge.errors import OftMergeError
+    from oftmerge.model_fold import fold_adapter
+
+    if args.output is None and not args.dry_run:
+        raise OftMergeError("give an output directory with -o/--output (or --dry-run to only see the plan)")
+    result = fold_adapter(
+        args.adapter,
+        args.base,
+        args.output,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+        peft_release=args.peft_release,
+        dry_run=args.dry_run,
+        hash_base=args.hash_base,
+        push_to_hub=args.push_to_hub,
+        private=args.private,
+        progress=_progress(not args.quiet),
+    )
+    if args.json:
+        data = result.provenance()
+        data.update(output=str(result.out_dir) if result.out_dir else None, dry_run=args.dry_run, shards=result.shards)
+        print(json.dumps(data, indent=2, sort_keys=True))
+    elif not args.quiet:
+        print(result.summary(max_modules=args.show))
+        if args.dry_run:
+            print(f"dry run: nothing written (would write {result.total_bytes / 1e6:.2f} MB in {len(result.shards)} shard(s))")
+        else:
+            print(f"wrote {result.out_dir}" + (f"; pushed to {args.push_to_hub}" if args.push_to_hub else ""))
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from oftmerge.hub import push_folder
+
+    result = push_folder(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run, revision=args.revision, commit_message=args.message)
+    if args.dry_run:
+        print(result.describe())
+        print("dry run: nothing uploaded")
+    else:
+        print(f"pushed {args.folder} -> {getattr(result, 'commit_url', args.repo_id)}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    f = sub.add_parser(
+        "fold",
+        help="fold an OFT adapter into its base model and write a full transformers model",
+        description=(
+            "Write a full model: every weight the adapter adapts is folded into the base (as PEFT's "
+            "merge_and_unload does, for every PEFT release), everything else is copied byte for byte. "
+            "Streams one tensor at a time; the output appears atomically; dtypes are kept."
+        ),
+        epilog=EPILOG_FOLD,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    f.add_argument("adapter", metavar="ADAPTER", help="adapter directory written by save_pretrained (any PEFT release)")
+    f.add_argument("--base", required=True, help="base model directory (safetensors, sharded or not, or .bin)")
+    f.add_argument("-o", "--output", help="output model directory (written atomically)")
+    f.add_argument("--shard-size", default="5GB", help="largest shard, e.g. 2GB, 500MB (default: %(default)s)")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    f.add_argument("--dry-run", action="store_true", help="print the plan (modules, shards, size); write nothing")
+    f.add_argument("--peft-release", help="PEFT release that wrote the adapter, when its config does not record it")
+    f.add_argument("--hash-base", action="store_true", help="record the SHA-256 of the base's weight files (reads them again)")
+    f.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folded model to this Hub repository afterwards")
+    f.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository as private")
+    f.add_argument("--json", action="store_true", help="print the report as JSON")
+    f.add_argument("--show", type=int, default=12, help="modules to list in the summary (default: %(default)s)")
+    f.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    f.set_defaults(func=_cmd_fold)
+
+    p = sub.add_parser(
+        "push",
+        help="upload a merged adapter or folded model directory to the Hugging Face Hub",
+        description="Upload DIR to Hub repository REPO_ID (created if missing) in one commit; hidden files are skipped.",
+        epilog=EPILOG_PUSH,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("folder", metavar="DIR")
+    p.add_argument("repo_id", metavar="REPO_ID", help="NAMESPACE/NAME")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--revision", help="branch to commit to (default: main)")
+    p.add_argument("--message", help="commit message")
+    p.add_argument("--dry-run", action="store_true", help="list the files and sizes that would be uploaded; send nothing")
+    p.set_defaults(func=_cmd_push)
