@@ -39,6 +39,7 @@ def _cmd_fold(args: argparse.Namespace) -> int:
         hash_base=args.hash_base,
         push_to_hub=args.push_to_hub,
         private=args.private,
+        threads=args.threads,
         progress=_progress(not args.quiet),
     )
     if args.json:
@@ -88,6 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--hash-base", action="store_true", help="record the SHA-256 of the base's weight files (reads them again)")
     f.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folded model to this Hub repository afterwards")
     f.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository as private")
+    f.add_argument("--threads", type=int, default=1, help="torch threads for the fold; I/O runs in its own threads (default: %(default)s)")
     f.add_argument("--json", action="store_true", help="print the report as JSON")
     f.add_argument("--show", type=int, default=12, help="modules to list in the summary (default: %(default)s)")
     f.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")

@@ -125,6 +125,20 @@ def test_write_model_streams_copies_raw_and_keeps_files(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_write_model_reports_a_truncated_base_and_writes_nothing(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    writer = ShardedWriter(base)
+    for k, v in _mixed_tensors().items():
+        writer.add(k, v)
+    writer.close()
+    data = (base / "model.safetensors").read_bytes()
+    (base / "model.safetensors").write_bytes(data[:-20])  # e.g. an interrupted download
+    with pytest.raises(OftMergeError, match=r"model.safetensors: not a readable safetensors file .*file not fully covered"):
+        write_model(base, tmp_path / "out", lambda n, t: t + 1 if t.is_floating_point() else t)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
 # -- tiny real Llama models -----------------------------------------------------------------------
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"

@@ -51,6 +51,9 @@ same bytes) and both safe to kill at any moment when used inside
 * ``only`` (a predicate on names, or a collection of names) says which tensors
   ``tensor_fn`` needs to see; every other tensor is copied byte for byte from
   the base's safetensors files, never decoded.
+* ``tensor_fn`` runs in the calling thread, once per tensor, in order; a reader
+  thread loads the next two tensors meanwhile and a writer thread writes the
+  previous result, so memory holds a few tensors, never a shard.
 * Non-weight files of the base (``config.json``, ``generation_config.json``,
   tokenizer files, chat templates, ...: top-level regular files that are not
   weights, not hidden, at most :data:`MAX_COPIED_FILE_BYTES`) are copied;
@@ -77,14 +80,17 @@ same bytes) and both safe to kill at any moment when used inside
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import shutil
 import struct
+from collections import deque
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 import torch
@@ -129,6 +135,11 @@ _DTYPE_NAMES: dict[torch.dtype, str] = {
 }
 _ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _COPY_CHUNK = 64 * 2**20
+#: write_model reads this many tensors ahead of the one being computed.
+_READ_AHEAD = 2
+#: write_model's shards are flushed to disk (fdatasync) every this many bytes, in the writer thread,
+#: so that the final fsync of the atomic rename has little left to do.
+_SYNC_EVERY = 256 * 2**20
 
 
 def parse_size(size: int | str) -> int:
@@ -256,6 +267,8 @@ class ShardedWriter:
         metadata: extra string metadata for every shard (``format: pt`` is always set).
         layout: the tensors (:class:`TensorInfo`) that will be added, in order;
             with it, nothing is buffered.
+        sync_every: in planned mode, flush a shard to disk (``fdatasync``)
+            each time this many bytes were written to it.
     """
 
     def __init__(
@@ -265,8 +278,11 @@ class ShardedWriter:
         max_shard_bytes: int | str = "5GB",
         metadata: Mapping[str, str] | None = None,
         layout: Sequence[TensorInfo] | None = None,
+        sync_every: int | None = None,
     ):
         self.directory = Path(directory)
+        self.sync_every = sync_every
+        self._unsynced = 0
         if not self.directory.is_dir():
             raise OftMergeError(f"{self.directory}: output directory does not exist")
         self.max_shard_bytes = parse_size(max_shard_bytes)
@@ -330,6 +346,11 @@ class ShardedWriter:
             self._file = open(self._temp_name(k), "wb")
             self._file.write(_header_bytes(self._plan[k], self.metadata))
         _write_payload(self._file, payload)
+        self._unsynced += info.nbytes
+        if self.sync_every is not None and self._unsynced >= self.sync_every:
+            self._file.flush()
+            os.fdatasync(self._file.fileno())
+            self._unsynced = 0
         self._next += 1
         if self._next == len(self._plan[k]):
             self._file.close()
@@ -607,31 +628,58 @@ def _write_tensors(
     metadata: Mapping[str, str] | None,
     progress: Callable[[int, int, str], None] | None,
 ) -> None:
-    """Stream every tensor of ``layout`` into shards in ``tmp`` (see :func:`write_model`)."""
-    writer = ShardedWriter(tmp, max_shard_bytes=shard_size, metadata=metadata, layout=layout)
+    """Stream every tensor of ``layout`` into shards in ``tmp`` (see :func:`write_model`).
+
+    Three stages overlap: a reader thread loads the next tensors (at most
+    :data:`_READ_AHEAD`), this thread runs ``tensor_fn``, a writer thread
+    writes the previous result (one at a time, in order). File I/O and torch
+    release the GIL, so reading, computing and writing proceed together while
+    memory holds a few tensors, not a shard.
+    """
+    writer = ShardedWriter(tmp, max_shard_bytes=shard_size, metadata=metadata, layout=layout, sync_every=_SYNC_EVERY)
+
+    def load(info: TensorInfo) -> tuple[RawTensor | None, torch.Tensor | None]:
+        src = untie[0] if untie is not None and info.name == untie[1] else info.name
+        raw = ckpt.raw(src)
+        return raw, (ckpt.read(src) if wanted(info.name) or raw is None else None)
+
+    def store(info: TensorInfo, raw: RawTensor | None, new: torch.Tensor | None) -> None:
+        if new is None:
+            writer.add_raw(info.name, raw)  # type: ignore[arg-type]
+        else:
+            writer.add(info.name, new)
+
     try:
-        for done, info in enumerate(layout, 1):
-            src = untie[0] if untie is not None and info.name == untie[1] else info.name
-            raw = ckpt.raw(src)
-            new = None
-            if wanted(info.name) or raw is None:
-                tensor = ckpt.read(src)
-                new = tensor_fn(info.name, tensor)
-                if new is not None and (tuple(new.shape) != info.shape or new.dtype != tensor.dtype):
-                    raise OftMergeError(
-                        f"tensor_fn changed {info.name!r} from {tensor.dtype} {list(info.shape)} to {new.dtype} "
-                        f"{list(new.shape)}; write_model keeps shapes and dtypes (use ShardedWriter directly otherwise)"
-                    )
-                if new is None and raw is None:
-                    new = tensor
-                del tensor
-            if new is None:
-                writer.add_raw(info.name, raw)  # type: ignore[arg-type]
-            else:
-                writer.add(info.name, new)
-            del new
-            if progress is not None:
-                progress(done, len(layout), info.name)
+        with ThreadPoolExecutor(1, "oftmerge-read") as reads, ThreadPoolExecutor(1, "oftmerge-write") as writes:
+            ahead = iter(layout)
+            loading = deque((info, reads.submit(load, info)) for info in itertools.islice(ahead, _READ_AHEAD))
+            writing: Future[None] | None = None
+            done = 0
+            while loading:
+                info, future = loading.popleft()
+                nxt = next(ahead, None)
+                if nxt is not None:
+                    loading.append((nxt, reads.submit(load, nxt)))
+                raw, tensor = future.result()
+                new = None
+                if tensor is not None:
+                    new = tensor_fn(info.name, tensor)
+                    if new is not None and (tuple(new.shape) != info.shape or new.dtype != tensor.dtype):
+                        raise OftMergeError(
+                            f"tensor_fn changed {info.name!r} from {tensor.dtype} {list(info.shape)} to {new.dtype} "
+                            f"{list(new.shape)}; write_model keeps shapes and dtypes (use ShardedWriter directly otherwise)"
+                        )
+                    new = tensor if new is None and raw is None else new
+                    del tensor
+                if writing is not None:
+                    writing.result()  # one write in flight; re-raises its error
+                writing = writes.submit(store, info, raw, new)
+                del new
+                done += 1
+                if progress is not None:
+                    progress(done, len(layout), info.name)
+            if writing is not None:
+                writing.result()
         writer.close()
     except BaseException:
         writer.abort()
