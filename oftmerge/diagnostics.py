@@ -10,7 +10,6 @@ correction ``c = sum ||Q_i|| / ||sum Q_i||`` the default merge would use.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from collections.abc import Sequence
@@ -116,15 +115,10 @@ def inspect_adapters(
                 cos = _pair_cosines(read[i], read[j])
                 pairs.append({"a": i, "b": j, "modules": len(cos), "cosine": _block_stats(torch.tensor(cos, dtype=torch.float64)) if cos else None})
         report["pairs"] = pairs
-        from oftmerge.merge import merge_adapters
+        from oftmerge.merge import merge_adapters, quiet_merge_log
 
-        merge_log = logging.getLogger("oftmerge.merge")
-        level = merge_log.level
-        merge_log.setLevel(logging.ERROR)  # its warnings are part of this report, not log lines
-        try:
+        with quiet_merge_log():  # its warnings are part of this report, not log lines
             result = merge_adapters(read, base=base, allow_base_mismatch=True)
-        finally:
-            merge_log.setLevel(level)
         report["merge"] = {
             "method": result.method,
             "modules": {

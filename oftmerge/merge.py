@@ -10,12 +10,13 @@ pack it for the output layout.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from oftmerge.formats.writer import CURRENT_CONFIG_TEMPLATE, BlockConfig, choose
 from oftmerge.linalg import RotationMap, pack_skew, regrid_blocks
 from oftmerge.methods import MergeMethod, get_method
 
-__all__ = ["MergeResult", "ModuleReport", "merge_adapters", "resolve_rotation_map"]
+__all__ = ["MergeResult", "ModuleReport", "merge_adapters", "quiet_merge_log", "resolve_rotation_map"]
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,17 @@ class MergeResult:
         for w in self.warnings:
             lines.append(f"warning: {w}")
         return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def quiet_merge_log() -> Iterator[None]:
+    """Silence this module's warning log lines, for callers that print ``MergeResult.warnings`` themselves."""
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _sha256(path: Path) -> str:

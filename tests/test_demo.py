@@ -1,0 +1,39 @@
+"""The README's demo, on a reduced setting, on the bundled adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+
+
+@pytest.mark.skipif(not (ADAPTERS / "base").is_dir(), reason="bundled adapters missing")
+def test_demo_reduced(tmp_path):
+    from oftmerge.demo.run import run_demo
+
+    lines: list[str] = []
+    out = run_demo(ADAPTERS, out_dir=tmp_path, n_per_task=8, methods=["orthomerge", "mean_q"], print_fn=lines.append)
+    text = "\n".join(lines)
+    tasks = out["tasks"]
+    assert set(tasks) == {"upper", "reverse", "sort", "add"}
+    expected_rows = {"base", "OrthoMerge", "mean of Q"} | {f"expert {t}" for t in tasks}
+    assert set(out["scores"]) == expected_rows
+    for row in expected_rows:
+        assert f"| {row} |" in text
+        for t in tasks:
+            r = out["scores"][row][t]
+            assert 0.0 <= r["acc"] <= 1.0 and r["nll"] > 0 and r["n"] == 8
+    # the merged adapters were written and are real PEFT adapters
+    for method in ("orthomerge", "mean_q"):
+        assert (tmp_path / f"merged-{method}" / "adapter_model.safetensors").is_file()
+    assert "magnitude correction c" in text
+
+
+def test_demo_explains_missing_adapters(tmp_path):
+    from oftmerge.demo.run import run_demo
+    from oftmerge.errors import OftMergeError
+
+    with pytest.raises(OftMergeError, match=r"no OFT adapters \(oft-\*/adapter_config.json\) found"):
+        run_demo(tmp_path, n_per_task=1)
