@@ -372,18 +372,22 @@ def decouple_merge(
 
     def split(name: str, tensor: torch.Tensor) -> tuple[Decomposition, list[int]] | None:
         w0 = tensor.to(torch.float64)
-        idx, stack = [], []
-        for i, e in enumerate(loaded):
-            if e.may_change(name):
-                w = e.tensor(name, tensor)
-                if not torch.equal(w, w0):
-                    idx.append(i)
-                    stack.append(w.T if name in transposed else w)
+        w0 = w0.T if name in transposed else w0
+        candidates = [i for i, e in enumerate(loaded) if e.may_change(name)]
+        stack = torch.empty((len(candidates), *w0.shape), dtype=torch.float64)  # filled in place: one copy
+        idx: list[int] = []
+        for i in candidates:
+            w = loaded[i].tensor(name, tensor)
+            w = w.T if name in transposed else w
+            if not torch.equal(w, w0):
+                stack[len(idx)] = w
+                idx.append(i)
+            del w
         if not idx:
             return None
-        w0t = w0.T if name in transposed else w0
         wt = torch.tensor([ws[i] for i in idx], dtype=torch.float64)
-        return decompose(name, w0t, torch.stack(stack), wt, settings, decouple=plan[name] == "decouple", experts=tuple(idx)), idx
+        dec = decompose(name, w0, stack[: len(idx)], wt, settings, decouple=plan[name] == "decouple", experts=tuple(idx))
+        return dec, idx
 
     thresholds = None
     if settings.euclidean == "ties" and e_opts.get("trim") == "model":

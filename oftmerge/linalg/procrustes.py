@@ -197,9 +197,14 @@ def orthogonal_procrustes(
 
 
 def cayley_margin(r: torch.Tensor) -> float:
-    """Smallest singular value of ``I + R`` (0 when ``R`` has an eigenvalue at -1; 2 for ``R = I``)."""
-    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
-    return float(torch.linalg.svdvals(eye + r)[..., -1].min())
+    """Smallest singular value of ``I + R`` for an orthogonal ``R`` (0 at an eigenvalue -1; 2 for ``R = I``).
+
+    For orthogonal ``R``, ``(I + R)^T (I + R) = 2I + R + R^T``, so the margin is
+    ``sqrt(2 + lambda_min(R + R^T)) = 2 cos(theta_max / 2)``: one symmetric eigenvalue
+    problem instead of an SVD.
+    """
+    lam = torch.linalg.eigvalsh(r + r.transpose(-2, -1))[..., 0].min()
+    return float(torch.sqrt(torch.clamp(2.0 + lam, min=0.0)))
 
 
 def cayley_generator(r: torch.Tensor, *, margin: float = CAYLEY_MARGIN, where: str = "") -> tuple[torch.Tensor, float]:

@@ -162,9 +162,11 @@ def decompose(
     else:
         targets, rows = ws, ()
     del taus
-    fits, flips, notes, rotations = [], 0, [], []
+    n, d = ws.shape[0], w0.shape[1]
+    fits, flips, notes = [], 0, []
     rhos = torch.empty_like(ws)
-    for i in range(ws.shape[0]):
+    rotations = torch.empty(n, d, d, dtype=w0.dtype)
+    for i in range(n):
         r, info = orthogonal_procrustes(w0, targets[i], solver=settings.procrustes, anchor=settings.anchor)  # type: ignore[arg-type]
         flips += int(info.det_flipped)
         if info.fell_back:
@@ -173,7 +175,8 @@ def decompose(
         moved = _norm(targets[i] - w0)
         fits.append(_norm(targets[i] - rot) / moved if moved > 0 else None)
         rhos[i] = ws[i] - rot
-        rotations.append(r)
+        rotations[i] = r
+        del r, rot
     del targets
     report = LayerReport(name, tuple(w0.shape), "decoupled", experts, task_norms, fits=tuple(fits),
                          conflict_rows=rows, det_flips=flips, chart="cayley", notes=tuple(notes))
@@ -183,10 +186,12 @@ def decompose(
         return Decomposition(w0, ws - w0, report)
 
     where = f"tensor {name!r}"
-    qs = []
+    qs = torch.empty(n, 1, d, d, dtype=w0.dtype)  # one block of the full width, as the so(d) methods take it
+    margins = []
     try:
-        for r in rotations:
-            qs.append(cayley_generator(r, margin=0.0 if reference else settings.cayley_margin, where=where)[0])
+        for i in range(n):
+            qs[i, 0], got = cayley_generator(rotations[i], margin=0.0 if reference else settings.cayley_margin, where=where)
+            margins.append(got)
     except CayleyDomainError as exc:
         if settings.on_domain_error == "error":
             raise CayleyDomainError(
@@ -196,15 +201,16 @@ def decompose(
         if settings.on_domain_error != "log" or settings.orthogonal not in _CHART_FREE:
             return fallback(str(exc))
         try:
-            qs, report.chart = [log_orthogonal(r.unsqueeze(0))[0] for r in rotations], "log"
+            qs, report.chart = log_orthogonal(rotations).unsqueeze(1), "log"
         except ValueError:
             return fallback(f"{exc}, and a rotation has no real logarithm")
-    report.min_margin = min(cayley_margin(r) for r in rotations)
+        margins = [cayley_margin(r) for r in rotations]
+    report.min_margin = min(margins)
     report.q_norms = tuple(_norm(q) for q in qs)
     del rotations
     method = get_method(settings.orthogonal)
-    q_m, so_stats = method(torch.stack(qs).unsqueeze(1), weights, **method.resolve_options(dict(settings.orthogonal_options)))
-    del qs  # (N, 1, d, d) above: one block of the full width
+    q_m, so_stats = method(qs, weights, **method.resolve_options(dict(settings.orthogonal_options)))
+    del qs
     r_m = cayley(q_m)[0] if report.chart == "cayley" else torch.linalg.matrix_exp(q_m)[0]
     base_part = w0 @ r_m
     if not bool(torch.isfinite(base_part).all()):
