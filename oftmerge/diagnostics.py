@@ -20,6 +20,7 @@ import torch
 from oftmerge.formats.checkpoint import Checkpoint
 from oftmerge.formats.peft_oft import OftAdapter, read_adapter
 from oftmerge.linalg import regrid_blocks
+from oftmerge.merge import merge_adapters, module_norm, quiet_merge_log
 
 __all__ = ["inspect_adapters", "render_report"]
 
@@ -29,12 +30,13 @@ def _block_stats(values: torch.Tensor) -> dict[str, float]:
     return {"min": float(v.min()), "median": float(v.median()), "max": float(v.max())}
 
 
-def _module_report(adapter: OftAdapter, name: str) -> dict[str, Any]:
+def _module_report(adapter: OftAdapter, name: str, width: int | None) -> dict[str, Any]:
     spec = adapter.modules[name]
     q = adapter.generator(name)
     block_norms = torch.linalg.matrix_norm(q)
-    n = spec.num_blocks
-    total = float(block_norms.square().sum().sqrt()) * (math.sqrt(n) if spec.shared and n else 1.0)
+    width = spec.features or width
+    n = width // spec.block_size if width else None
+    total = module_norm(q, spec, width)
     applied = adapter.rotation_map.rotation(q)
     eye = torch.eye(spec.block_size, dtype=torch.float64)
     ortho = torch.linalg.matrix_norm(applied.transpose(-2, -1) @ applied - eye)
@@ -44,7 +46,7 @@ def _module_report(adapter: OftAdapter, name: str) -> dict[str, Any]:
         "block_size": spec.block_size,
         "blocks": n,
         "shared": spec.shared,
-        "q_norm": total,
+        "q_norm": total,  # per stored block only when a shared block's width is unknown (blocks None)
         "block_q_norm": _block_stats(block_norms),
         "ortho_error": float(ortho.max()),
     }
@@ -90,9 +92,10 @@ def inspect_adapters(
     """Diagnostics of one or more adapters (see the module docstring); JSON-serialisable."""
     base_shapes = Checkpoint(base).shapes() if base is not None else None
     read = [a if isinstance(a, OftAdapter) else read_adapter(a, peft_release=peft_release, base_shapes=base_shapes) for a in adapters]
+    widths = {n: s.features for a in read for n, s in a.modules.items() if s.features}  # for shared blocks
     report: dict[str, Any] = {"adapters": []}
     for a in read:
-        modules = [_module_report(a, n) for n in a.modules]
+        modules = [_module_report(a, n, widths.get(n)) for n in a.modules]
         report["adapters"].append(
             {
                 "path": str(a.path),
@@ -115,7 +118,6 @@ def inspect_adapters(
                 cos = _pair_cosines(read[i], read[j])
                 pairs.append({"a": i, "b": j, "modules": len(cos), "cosine": _block_stats(torch.tensor(cos, dtype=torch.float64)) if cos else None})
         report["pairs"] = pairs
-        from oftmerge.merge import merge_adapters, quiet_merge_log
 
         with quiet_merge_log():  # its warnings are part of this report, not log lines
             result = merge_adapters(read, base=base, allow_base_mismatch=True)

@@ -401,10 +401,15 @@ def _to_grid(q: torch.Tensor, spec: ModuleSpec, shared_out: bool, features: int 
     return regrid_blocks(q.contiguous(), block)
 
 
-def _module_norm(q: torch.Tensor, spec: ModuleSpec) -> float:
+def module_norm(q: torch.Tensor, spec: ModuleSpec, features: int | None = None) -> float:
+    """``||Q||_F`` of the whole module: a shared block counts once per block it stands for.
+
+    ``features`` (the layer width) is needed for shared blocks when the adapter does not know it;
+    without it the norm of the stored block is returned.
+    """
     norm = float(torch.linalg.matrix_norm(q).square().sum().sqrt())
-    n = spec.num_blocks
-    return norm * math.sqrt(n) if spec.shared and n else norm
+    width = spec.features or features
+    return norm * math.sqrt(width // spec.block_size) if spec.shared and width else norm
 
 
 def _ortho_error(r: torch.Tensor) -> float:
@@ -550,7 +555,7 @@ def merge_adapters(
         qs, norms = [], []
         for i, spec in p.entries:
             q = read[i].generator(p.name) * read[i].rotation_map.sign
-            norms.append(_module_norm(q, spec))
+            norms.append(module_norm(q, spec, p.features))
             qs.append(_to_grid(q, spec, shared, p.features, b))
         w = torch.tensor([weights[i] for i, _ in p.entries], dtype=torch.float64)
         if len(qs) == 1:  # one adapter adapts this module: keep its generator as it is

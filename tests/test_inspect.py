@@ -80,3 +80,15 @@ def test_cli_json_and_table(adapters, capsys):
     assert main(["inspect", str(a), str(b), "--show", "1"]) == 0
     out = capsys.readouterr().out
     assert "more modules" in out and "[0] vs [1]" in out
+
+
+def test_shared_blocks_count_once_per_block_they_stand_for(tmp_path):
+    """A block_share adapter does not store the layer width; another input (or --base) gives it."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_oft_adapter(a, seed=1, oft_block_size=4, block_share=True)
+    make_oft_adapter(b, seed=2, oft_block_size=4)
+    alone = inspect_adapters([a])["adapters"][0]["modules"]
+    both = inspect_adapters([a, b])["adapters"][0]["modules"]
+    for m_alone, m_both in zip(alone, both):
+        assert m_alone["blocks"] is None and m_both["blocks"] in (4, 6)
+        assert m_both["q_norm"] == pytest.approx(m_alone["q_norm"] * m_both["blocks"] ** 0.5, rel=1e-12)
