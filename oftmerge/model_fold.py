@@ -54,6 +54,7 @@ __all__ = ["FoldResult", "fold_adapter"]
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class FoldResult:
     """What a fold wrote (or, in a dry run, would write)."""
