@@ -593,6 +593,16 @@ def merge_adapters(
             result.tensors[prefix + ".oft_r"] = stored.to(out_dtype).contiguous()
             if layout == "0.15":
                 result.tensors[prefix + ".oft_s"] = _merged_scale(read, p, weights).to(out_dtype)
+        copies = [(i, read[i].saved_base_weight(p.name)) for i, _ in p.entries if p.name in read[i].saved_base]
+        if copies:
+            first = copies[0][1]
+            if any(not torch.equal(first, t) for _, t in copies[1:]):
+                raise IncompatibleAdaptersError(
+                    f"module {p.name!r}: the adapters saved different copies of its base weight "
+                    f"({', '.join(str(read[i].path) for i, _ in copies)}); they were trained on different "
+                    "base models (e.g. resized vocabularies) and cannot be merged"
+                )
+            result.tensors[read[copies[0][0]].saved_base[p.name]] = first
         if progress is not None:
             progress(done, len(plans), p.name)
     if cancelled:

@@ -221,3 +221,23 @@ def test_block_share_with_unshared_expands(tmp_path, ids):
             getattr(expected, name).weight.copy_(base[f"{name}.weight"].double() @ r.T)
     with torch.no_grad():
         assert torch.allclose(model(ids), expected(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_saved_base_embedding_copies_are_carried_through(tmp_path, ids):
+    """PEFT saves a copy of a targeted embedding's base weight with the adapter; merging keeps it."""
+    from safetensors.torch import save_file
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for path, seed in ((a, 1), (b, 2)):
+        make_oft_adapter(path, seed=seed, targets=("emb", "lin_sq"), oft_block_size=4, use_cayley_neumann=False)
+        tensors = load_file(path / "adapter_model.safetensors")
+        tensors["base_model.model.emb.base_layer.weight"] = TinyNet(0).emb.weight.detach().clone()
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+    result = oftmerge.merge_adapters([a, b], out_dir=tmp_path / "m")
+    assert torch.equal(result.tensors["base_model.model.emb.base_layer.weight"], TinyNet(0).emb.weight)
+    _loads_cleanly(tmp_path / "m")(ids)
+    tensors = load_file(b / "adapter_model.safetensors")
+    tensors["base_model.model.emb.base_layer.weight"] += 1.0
+    save_file(tensors, str(b / "adapter_model.safetensors"))
+    with pytest.raises(oftmerge.IncompatibleAdaptersError, match=r"module 'emb': the adapters saved different copies of its base weight"):
+        oftmerge.merge_adapters([a, b])

@@ -50,6 +50,7 @@ _SUFFIXES = {
     ".oft_r": ("full", "linear"),
 }
 _SCALE_SUFFIX = ".oft_s"
+_BASE_COPY_SUFFIX = ".base_layer.weight"
 _WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -105,6 +106,12 @@ class OftAdapter:
     config: Mapping[str, Any]
     modules: Mapping[str, ModuleSpec]
     _file: TensorFile | TensorDict = field(repr=False, compare=False)
+    #: module -> key of a copy of its base weight that PEFT saved with the adapter
+    #: (``save_embedding_layers``, automatic when an embedding is targeted)
+    saved_base: Mapping[str, str] = field(default_factory=dict)
+
+    def saved_base_weight(self, name: str) -> torch.Tensor:
+        return self._file.get(self.saved_base[name])
 
     def content_hash(self) -> str:
         """SHA-256 of the stored tensors (names, dtypes, shapes, bytes), whatever file they came from."""
@@ -284,6 +291,12 @@ def adapter_from_tensors(
                 break
         else:
             extra.append(key)
+    saved_base = {}
+    for key in list(extra):  # PEFT saves base copies of targeted embeddings (save_embedding_layers)
+        name = _module_name(key, _BASE_COPY_SUFFIX) if key.endswith(_BASE_COPY_SUFFIX) else None
+        if name is not None and name in found:
+            saved_base[name] = key
+            extra.remove(key)
     if extra:
         raise AdapterFormatError(
             f"{weights_path}: holds tensors that are not OFT rotations ({', '.join(extra[:3])}"
@@ -365,6 +378,7 @@ def adapter_from_tensors(
         config=dict(config),
         modules=modules,
         _file=tf,
+        saved_base=saved_base,
     )
 
 
