@@ -45,7 +45,7 @@ from oftmerge.formats.lora import LoraAdapter, is_lora_adapter, read_lora
 from oftmerge.formats.shards import write_model
 from oftmerge.linalg.procrustes import SOLVERS
 from oftmerge.methods import get_method
-from oftmerge.methods.decoupling import MAX_ROTATION, ON_DOMAIN_ERROR, TARGETS, LayerReport, Settings, decompose
+from oftmerge.methods.decoupling import MAX_ROTATION, ON_DOMAIN_ERROR, TARGETS, Decomposition, LayerReport, Settings, decompose
 from oftmerge.methods.euclidean import TensorContext, get_euclidean_method
 
 __all__ = ["DecoupleResult", "decouple_merge"]
@@ -68,9 +68,10 @@ class Expert:
     sha256: str
     lora: LoraAdapter | None = None
     checkpoint: Checkpoint | None = None
+    changes: frozenset[str] | None = None  #: base tensors a LoRA expert changes (None: any)
 
     def may_change(self, name: str) -> bool:
-        return name in self.lora.changed() if self.lora is not None else True
+        return self.changes is None or name in self.changes
 
     def tensor(self, name: str, base: torch.Tensor) -> torch.Tensor:
         if self.lora is not None:
@@ -119,7 +120,7 @@ def _load_expert(path: str | os.PathLike[str], base: Checkpoint, shapes: Mapping
             raise IncompatibleAdaptersError(f"{p}: a {kind} adapter; decouple takes LoRA adapters or full models{hint}")
         lora = read_lora(p)
         lora.check_base(shapes)
-        return Expert(p, "lora", _fingerprint([lora.weights_path]), lora=lora)
+        return Expert(p, "lora", _fingerprint([lora.weights_path]), lora=lora, changes=frozenset(lora.changed()))
     ckpt = Checkpoint(p)
     theirs = set(ckpt.keys())
     missing = [k for k in shapes if k not in theirs]
@@ -366,6 +367,10 @@ def decouple_merge(
     result = DecoupleResult(settings, str(Path(base)), loaded, ws, plan, dry_run=dry_run)
     if dry_run:
         return result
+    target_dir = Path(out_dir).absolute()  # type: ignore[arg-type]
+    for e in loaded:
+        if target_dir == e.path.absolute() or e.path.absolute().is_relative_to(target_dir):
+            raise OftMergeError(f"{target_dir}: the output would replace expert {e.path}; inputs are never modified")
 
     euclid = get_euclidean_method(settings.euclidean)
     e_opts = euclid.resolve_options(dict(settings.euclidean_options))
@@ -413,7 +418,7 @@ def decouple_merge(
     extra: dict[str, Any] = {} if progress is None else {"progress": progress}
     write_model(base, out_dir, tensor_fn, shard_size=shard_size, overwrite=overwrite, extra_files=_LateFiles(result),
                 only=plan.__contains__, **extra)
-    result.out_dir = Path(out_dir).absolute()  # type: ignore[arg-type]
+    result.out_dir = target_dir
     fb = [r for r in result.layers.values() if r.path.startswith("fallback")]
     if fb:
         result.warnings.append(f"{len(fb)} tensor(s) fell back to the Euclidean method alone (first: {fb[0].name}: {fb[0].path})")

@@ -393,6 +393,8 @@ def test_other_bad_inputs(models, tmp_path):
         decouple_merge(base, [models["lora"]], euclidean="dare", euclidean_options={"density": 0.1}, out_dir=tmp_path / "o")
     with pytest.raises(OftMergeError, match="give an output directory"):
         decouple_merge(base, [models["lora"]])
+    with pytest.raises(OftMergeError, match=r"the output would replace expert .*full0; inputs are never modified"):
+        decouple_merge(base, [models["full0"]], out_dir=models["full0"], overwrite=True)
     (tmp_path / "exists").mkdir()
     with pytest.raises(OutputExistsError, match="exists: already exists; choose another output path or pass overwrite=True"):
         decouple_merge(base, [models["lora"]], out_dir=tmp_path / "exists")
