@@ -66,6 +66,13 @@ def _progress(enabled: bool):
     return report
 
 
+def _is_main() -> bool:
+    from oftmerge import distributed
+
+    group = distributed.current()
+    return group is None or group.is_main
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from oftmerge.merge import merge_adapters
 
@@ -90,6 +97,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         fold_adapter(result, args.fold_into, args.output, overwrite=args.overwrite)
     elif not args.dry_run:
         result.save(args.output, overwrite=args.overwrite)
+    if not _is_main():  # under accelerate launch only the main process reports
+        return 0
     if args.json:
         data = result.provenance()
         data["modules"] = {n: r.to_dict() for n, r in result.modules.items()}

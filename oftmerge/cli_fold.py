@@ -22,7 +22,7 @@ EPILOG_PUSH = """examples:
 
 
 def _cmd_fold(args: argparse.Namespace) -> int:
-    from oftmerge.cli import _progress
+    from oftmerge.cli import _is_main, _progress
     from oftmerge.errors import OftMergeError
     from oftmerge.model_fold import fold_adapter
 
@@ -42,6 +42,8 @@ def _cmd_fold(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=_progress(not args.quiet),
     )
+    if not _is_main():  # under accelerate launch only the main process reports
+        return 0
     if args.json:
         data = result.provenance()
         data.update(output=str(result.out_dir) if result.out_dir else None, dry_run=args.dry_run, shards=result.shards)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from oftmerge import distributed
 from oftmerge._version import __version__
 from oftmerge.errors import IncompatibleAdaptersError, NumericalError, OftMergeError
 from oftmerge.formats.checkpoint import Checkpoint
@@ -140,7 +141,10 @@ class MergeResult:
             extra["README.md"] = adapter_card(self).encode()
         except ImportError:  # pragma: no cover
             pass
-        write_adapter_dir(target, self.tensors, self.config, extra_files=extra, overwrite=overwrite)
+        distributed.on_main(  # one adapter file: only the main process of a distributed run writes it
+            distributed.current(),
+            lambda: write_adapter_dir(target, self.tensors, self.config, extra_files=extra, overwrite=overwrite),
+        )
         self.saved_to = target
         return target
 
@@ -550,61 +554,70 @@ def merge_adapters(
 
     cancelled: list[str] = []
     non_orthogonal: list[tuple[str, float]] = []
-    for done, p in enumerate(plans, 1):
-        b = blocks.sizes[p.name]
-        qs, norms = [], []
-        for i, spec in p.entries:
-            q = read[i].generator(p.name) * read[i].rotation_map.sign
-            norms.append(module_norm(q, spec, p.features))
-            qs.append(_to_grid(q, spec, shared, p.features, b))
-        w = torch.tensor([weights[i] for i, _ in p.entries], dtype=torch.float64)
-        if len(qs) == 1:  # one adapter adapts this module: keep its generator as it is
-            q, stats = (torch.sign(w[0]) if meth.normalized_weights else w[0]) * qs[0], {}
-        else:
-            q, stats = meth(torch.stack(qs), w, **options)
-        if scale != 1.0:
-            q = q * scale
-        where = f"module {p.name!r}"
-        if not bool(torch.isfinite(q).all()):
-            raise NumericalError(f"{where}: the merged generator is not finite (method {meth.name}); nothing was written")
-        if stats.get("cancelled"):
-            cancelled.append(p.name)
-        stored = q * rmap.sign
-        applied = rmap.rotation(stored)
-        ortho = _ortho_error(applied)
-        if rmap.kind == "neumann" and ortho > NEUMANN_ORTHO_WARN:
-            non_orthogonal.append((p.name, ortho))
-        result.modules[p.name] = ModuleReport(
-            name=p.name,
-            inputs=tuple(i for i, _ in p.entries),
-            input_block_sizes=tuple(s.block_size for _, s in p.entries),
-            block_size=b,
-            input_norms=tuple(norms),
-            merged_norm=float(torch.linalg.matrix_norm(q).square().sum().sqrt())
-            * (math.sqrt((p.features or b) // b) if shared else 1.0),
-            stats=stats,
-            ortho_error=ortho,
-        )
-        prefix = KEY_PREFIX + p.name
-        if layout == "0.18":
-            suffix = ".oft_embedding_R.weight" if p.kind == "embedding" else ".oft_R.weight"
-            result.tensors[prefix + suffix] = pack_skew(stored).to(out_dtype)
-        else:
-            result.tensors[prefix + ".oft_r"] = stored.to(out_dtype).contiguous()
-            if layout == "0.15":
-                result.tensors[prefix + ".oft_s"] = _merged_scale(read, p, weights).to(out_dtype)
-        copies = [(i, read[i].saved_base_weight(p.name)) for i, _ in p.entries if p.name in read[i].saved_base]
-        if copies:
-            first = copies[0][1]
-            if any(not torch.equal(first, t) for _, t in copies[1:]):
-                raise IncompatibleAdaptersError(
-                    f"module {p.name!r}: the adapters saved different copies of its base weight "
-                    f"({', '.join(str(read[i].path) for i, _ in copies)}); they were trained on different "
-                    "base models (e.g. resized vocabularies) and cannot be merged"
-                )
-            result.tensors[read[copies[0][0]].saved_base[p.name]] = first
-        if progress is not None:
-            progress(done, len(plans), p.name)
+    group = distributed.current()  # None unless launched with several processes (accelerate launch)
+    mine = range(len(plans)) if group is None else group.share([len(p.entries) * (p.features or 1) for p in plans])
+    added: dict[str, list[str]] = {}
+    with contextlib.nullcontext() if group is None else group.checked():
+        for done, p in ((k + 1, plans[k]) for k in mine):
+            first_key = len(result.tensors)
+            b = blocks.sizes[p.name]
+            qs, norms = [], []
+            for i, spec in p.entries:
+                q = read[i].generator(p.name) * read[i].rotation_map.sign
+                norms.append(module_norm(q, spec, p.features))
+                qs.append(_to_grid(q, spec, shared, p.features, b))
+            w = torch.tensor([weights[i] for i, _ in p.entries], dtype=torch.float64)
+            if len(qs) == 1:  # one adapter adapts this module: keep its generator as it is
+                q, stats = (torch.sign(w[0]) if meth.normalized_weights else w[0]) * qs[0], {}
+            else:
+                q, stats = meth(torch.stack(qs), w, **options)
+            if scale != 1.0:
+                q = q * scale
+            where = f"module {p.name!r}"
+            if not bool(torch.isfinite(q).all()):
+                raise NumericalError(f"{where}: the merged generator is not finite (method {meth.name}); nothing was written")
+            if stats.get("cancelled"):
+                cancelled.append(p.name)
+            stored = q * rmap.sign
+            applied = rmap.rotation(stored)
+            ortho = _ortho_error(applied)
+            if rmap.kind == "neumann" and ortho > NEUMANN_ORTHO_WARN:
+                non_orthogonal.append((p.name, ortho))
+            result.modules[p.name] = ModuleReport(
+                name=p.name,
+                inputs=tuple(i for i, _ in p.entries),
+                input_block_sizes=tuple(s.block_size for _, s in p.entries),
+                block_size=b,
+                input_norms=tuple(norms),
+                merged_norm=float(torch.linalg.matrix_norm(q).square().sum().sqrt())
+                * (math.sqrt((p.features or b) // b) if shared else 1.0),
+                stats=stats,
+                ortho_error=ortho,
+            )
+            prefix = KEY_PREFIX + p.name
+            if layout == "0.18":
+                suffix = ".oft_embedding_R.weight" if p.kind == "embedding" else ".oft_R.weight"
+                result.tensors[prefix + suffix] = pack_skew(stored).to(out_dtype)
+            else:
+                result.tensors[prefix + ".oft_r"] = stored.to(out_dtype).contiguous()
+                if layout == "0.15":
+                    result.tensors[prefix + ".oft_s"] = _merged_scale(read, p, weights).to(out_dtype)
+            copies = [(i, read[i].saved_base_weight(p.name)) for i, _ in p.entries if p.name in read[i].saved_base]
+            if copies:
+                first = copies[0][1]
+                if any(not torch.equal(first, t) for _, t in copies[1:]):
+                    raise IncompatibleAdaptersError(
+                        f"module {p.name!r}: the adapters saved different copies of its base weight "
+                        f"({', '.join(str(read[i].path) for i, _ in copies)}); they were trained on different "
+                        "base models (e.g. resized vocabularies) and cannot be merged"
+                    )
+                result.tensors[read[copies[0][0]].saved_base[p.name]] = first
+            if group is not None:
+                added[p.name] = list(result.tensors)[first_key:]
+            if progress is not None:
+                progress(done, len(plans), p.name)
+    if group is not None:
+        _gather_modules(group, plans, result, added, cancelled, non_orthogonal)
     if cancelled:
         warnings.append(
             f"{len(cancelled)} module(s) whose inputs' generators (nearly) cancel ({', '.join(cancelled[:3])}"
@@ -627,6 +640,37 @@ def merge_adapters(
     elif out_dir is not None:
         result.save(out_dir, overwrite=overwrite)
     return result
+
+
+def _gather_modules(
+    group: distributed.Group,
+    plans: Sequence[_ModulePlan],
+    result: MergeResult,
+    added: Mapping[str, list[str]],
+    cancelled: list[str],
+    non_orthogonal: list[tuple[str, float]],
+) -> None:
+    """Collect every process's modules and put reports, tensors and warnings back in plan order."""
+    ortho = dict(non_orthogonal)
+    mine = {
+        name: (result.modules[name], {k: result.tensors[k] for k in keys}, name in cancelled, ortho.get(name))
+        for name, keys in added.items()
+    }
+    parts: dict[str, Any] = {}
+    for part in group.gather(mine):
+        parts.update(part)
+    result.modules.clear()
+    result.tensors.clear()
+    cancelled.clear()
+    non_orthogonal.clear()
+    for p in plans:
+        report, tensors, was_cancelled, error = parts[p.name]
+        result.modules[p.name] = report
+        result.tensors.update(tensors)
+        if was_cancelled:
+            cancelled.append(p.name)
+        if error is not None:
+            non_orthogonal.append((p.name, error))
 
 
 def _merged_scale(read: Sequence[OftAdapter], p: _ModulePlan, weights: Sequence[float]) -> torch.Tensor:

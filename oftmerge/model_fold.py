@@ -29,6 +29,7 @@ and says so in a warning and in the report.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -41,6 +42,7 @@ from typing import Any
 
 import torch
 
+from oftmerge import distributed
 from oftmerge.errors import IncompatibleAdaptersError, NumericalError, OftMergeError
 from oftmerge.fold import adapter_rotation, all_finite, fold_weight
 from oftmerge.formats.checkpoint import Checkpoint
@@ -230,14 +232,16 @@ def fold_adapter(
             "oftmerge.json": json.dumps(prov, indent=2, sort_keys=True) + "\n",
             "README.md": folded_model_card(result),
         }
+        group = distributed.current()  # several processes (accelerate launch): each writes its share of the shards
+        write = write_model if group is None else functools.partial(distributed.write_model, group=group)
         with _torch_threads(threads):
-            result.out_dir = write_model(
+            result.out_dir = write(
                 base, out_dir, fold_one, shard_size=shard_size, overwrite=overwrite, extra_files=extra,
                 only=by_key.__contains__, untie=_added(result.untied, ckpt), config_updates=config_updates,
             )  # fmt: skip
     if isinstance(adapter, MergeResult):
         adapter.saved_to = result.out_dir
-    if push_to_hub:
+    if push_to_hub and (distributed.current() is None or distributed.current().is_main):  # type: ignore[union-attr]
         result.pushed = push_folder(result.out_dir, push_to_hub, private=private)
     return result
 
