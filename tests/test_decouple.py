@@ -154,7 +154,7 @@ def _save_lora(path: Path, base: Path, seed: int, **config) -> Path:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name or "lora_embedding_B" in name or "magnitude" in name:
+            if "lora_B" in name or "lora_embedding" in name or "magnitude" in name:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
     model.save_pretrained(path)
     return path
@@ -171,6 +171,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
         "lora": _save_lora(root / "lora", base, 3),
         "rslora": _save_lora(root / "rslora", base, 4, use_rslora=True, r=8),
         "dora": _save_lora(root / "dora", base, 5, use_dora=True),
+        # PEFT also saves copies of targeted embeddings (save_embedding_layers): the LoRA applies on top
+        "embedding": _save_lora(root / "embedding", base, 6, target_modules=["embed_tokens", "q_proj", "lm_head"]),
     }
 
 
@@ -186,7 +188,7 @@ def _peft_merged(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
     return PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), adapter).merge_and_unload().state_dict()
 
 
-@pytest.mark.parametrize("kind", ["lora", "rslora", "dora"])
+@pytest.mark.parametrize("kind", ["lora", "rslora", "dora", "embedding"])
 def test_a_lora_expert_alone_equals_peft_merge_and_unload(models, tmp_path, kind):
     out = decouple_merge(models["base"], [models[kind]], euclidean="ta", orthogonal=None, out_dir=tmp_path / "o").out_dir
     want = _peft_merged(models["base"], models[kind])

@@ -7,14 +7,15 @@ expert weight at a time, the way PEFT's ``merge_and_unload`` would:
 ================================  ===========================================================
 stored                            expert tensor (torch layout of the base weight)
 ================================  ===========================================================
-``lora_A.weight``, ``lora_B``      ``W0 + s B A`` (transposed when ``fan_in_fan_out``; conv:
+``lora_A/B.weight``               ``W0 + s B A`` (transposed when ``fan_in_fan_out``; conv:
                                   ``B A`` reshaped to the kernel)
 ``lora_embedding_A/B``            ``E0 + s (B A)^T``
 ``lora_magnitude_vector`` (DoRA)  ``(m / ||W0 + s B A||_row) * (W0 + s B A)`` — linear layers
                                   only; DoRA on embeddings and convolutions is refused
 ``lora_B.bias`` (``lora_bias``)   ``b0 + s b_B``
 ``base_layer.*``, ``*`` of        the stored tensor replaces the base tensor (``bias="all"``,
-``modules_to_save``               ``bias="lora_only"``, ``modules_to_save``)
+``modules_to_save``               ``modules_to_save``, the embedding copies of
+                                  ``save_embedding_layers``); a LoRA update applies on top
 ================================  ===========================================================
 
 with ``s = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``; ``r`` and
@@ -132,9 +133,9 @@ class LoraAdapter:
 
     def tensor(self, name: str, base: torch.Tensor) -> torch.Tensor:
         """The expert's version of base tensor ``name`` (float64); ``base`` is the base tensor."""
-        if name in self.replaced:
-            return self._get(self.replaced[name])
-        w0 = base.to(torch.float64)
+        # a stored copy (bias="all", modules_to_save, or the base_layer copy PEFT saves with targeted
+        # embeddings) replaces the base tensor; a LoRA update of the same module applies on top of it
+        w0 = self._get(self.replaced[name]) if name in self.replaced else base.to(torch.float64)
         module, _, param = name.rpartition(".")
         m = self.modules.get(module)
         if m is None:
