@@ -90,11 +90,12 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         allow_base_mismatch=args.allow_base_mismatch,
         dry_run=args.dry_run,
         progress=_progress(not args.quiet),
+        threads=args.threads,
     )
     if not args.dry_run and args.fold_into:
         from oftmerge.model_fold import fold_adapter
 
-        fold_adapter(result, args.fold_into, args.output, overwrite=args.overwrite)
+        fold_adapter(result, args.fold_into, args.output, overwrite=args.overwrite, threads=args.threads)
     elif not args.dry_run:
         result.save(args.output, overwrite=args.overwrite)
     if not _is_main():  # under accelerate launch only the main process reports
@@ -126,12 +127,20 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_methods(args: argparse.Namespace) -> int:
     from oftmerge.methods import available_methods
+    from oftmerge.methods.euclidean import euclidean_methods
 
-    for m in available_methods().values():
-        print(f"{m.name:<12} {m.summary}")
-        print(f"{'':<12} reference: {m.reference}")
-        for o in m.options:
-            print(f"{'':<12} --option {o.name}=<{o.type.__name__}> (default {o.default}): {o.help}")
+    sections = (
+        ("so(b) methods (oftmerge merge --method; oftmerge decouple --orthogonal)", available_methods()),
+        ("Euclidean methods for residuals and full weights (oftmerge decouple --euclidean)", euclidean_methods()),
+    )
+    for title, methods in sections:
+        print(title)
+        for m in methods.values():
+            print(f"  {m.name:<12} {m.summary}")
+            print(f"  {'':<12} reference: {m.reference}")
+            for o in m.options:
+                print(f"  {'':<12} --option {o.name}=<{o.type.__name__}> (default {o.default}): {o.help}")
+        print()
     return 0
 
 
@@ -166,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-base-mismatch", action="store_true", help="merge adapters whose configs name different base models")
     m.add_argument("--fold-into", metavar="BASE", help="write a full model instead: the merge folded into base model directory BASE (see `oftmerge fold`)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    m.add_argument("--threads", type=int, default=1, help="torch threads for the arithmetic (default: %(default)s; see `oftmerge fold --help`)")
     m.add_argument("--dry-run", action="store_true", help="print the plan; read no generator, write nothing")
     m.add_argument("--json", action="store_true", help="print the report as JSON")
     m.add_argument("--show", type=int, default=12, help="modules to list in the summary (default: %(default)s)")

@@ -64,7 +64,7 @@ def test_option_parsing(tmp_path, capsys):
 
 def test_module_entry_point_and_methods_listing():
     out = subprocess.run([sys.executable, "-m", "oftmerge", "methods"], capture_output=True, text=True, check=True).stdout
-    for name in ("orthomerge", "mean_q", "mean_r", "sequential", "karcher"):
-        assert name in out
+    for name in ("orthomerge", "mean_q", "mean_r", "sequential", "karcher", "ta", "ties", "dare", "tsv"):
+        assert f"  {name} " in out
     helptext = subprocess.run([sys.executable, "-m", "oftmerge", "merge", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--dry-run" in helptext and "examples:" in helptext
