@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,12 +105,9 @@ class MergeResult:
     def provenance(self) -> dict[str, Any]:
         """Everything needed to know how this adapter was made (no timestamps: re-runs give the same bytes)."""
         versions = {"oftmerge": __version__, "torch": torch.__version__.split("+")[0]}
-        try:
-            import peft
-
-            versions["peft"] = peft.__version__
-        except ImportError:  # pragma: no cover - peft is optional for the core
-            pass
+        peft_version = _peft_version()
+        if peft_version is not None:  # peft is optional for the core
+            versions["peft"] = peft_version
         return {
             "tool": "oftmerge",
             "versions": versions,
@@ -194,6 +194,46 @@ def quiet_merge_log() -> Iterator[None]:
         yield
     finally:
         log.setLevel(level)
+
+
+def _peft_version() -> str | None:
+    """The installed PEFT's ``__version__``, without importing PEFT (which imports transformers) when not yet loaded."""
+    module = sys.modules.get("peft")
+    if module is not None:
+        return module.__version__
+    try:
+        return importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - peft is optional for the core
+        return None
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch intra-op threads (restored afterwards); None leaves torch's setting."""
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _input_hashes(read: Sequence[OftAdapter], need_content: bool) -> tuple[list[str], list[str | None]]:
+    """SHA-256 of each input's weights file (or tensors) and, if needed, its content hash; inputs in parallel.
+
+    hashlib releases the GIL, so the inputs are hashed by up to 4 threads at once.
+    """
+
+    def one(a: OftAdapter) -> tuple[str, str | None]:
+        content = a.content_hash() if need_content or not a.weights_path.is_file() else None
+        return (_sha256(a.weights_path) if a.weights_path.is_file() else content), content  # type: ignore[return-value]
+
+    with ThreadPoolExecutor(min(4, len(read)), "oftmerge-hash") as pool:
+        pairs = list(pool.map(one, read))
+    return [h for h, _ in pairs], [c for _, c in pairs]
 
 
 def _sha256(path: Path) -> str:
@@ -354,14 +394,12 @@ def _output_config(
     )
     if layout == "0.18":
         config = dict(CURRENT_CONFIG_TEMPLATE)
-        try:
-            import peft
+        peft_version = _peft_version()
+        if peft_version is not None:
             from packaging.version import Version
 
-            if Version(peft.__version__.partition("@")[0]) >= Version("0.18.0"):
-                config["peft_version"] = peft.__version__
-        except ImportError:  # pragma: no cover
-            pass
+            if Version(peft_version.partition("@")[0]) >= Version("0.18.0"):
+                config["peft_version"] = peft_version
         config["use_cayley_neumann"] = rmap.kind == "neumann"
         config["num_cayley_neumann_terms"] = rmap.terms if rmap.kind == "neumann" else 5
     else:
@@ -438,6 +476,7 @@ def merge_adapters(
     progress: Callable[[int, int, str], None] | None = None,
     output: str = "adapter",
     shard_size: int | str = "5GB",
+    threads: int | None = 1,
 ) -> MergeResult:
     """Merge OFT adapters into one OFT adapter, module by module, in so(b).
 
@@ -468,6 +507,11 @@ def merge_adapters(
         output: ``"adapter"`` writes the merged adapter to ``out_dir``;
             ``"model"`` folds it into ``base`` and writes a full model there
             (:func:`oftmerge.model_fold.fold_adapter`, shards of ``shard_size``).
+        threads: torch threads for the per-module arithmetic (restored
+            afterwards; None leaves torch's setting). The blocks are small
+            (``(blocks, b, b)``, b = 32 typically), so a second thread mostly
+            waits: on the 2-core benchmark machine one thread was 5x faster than
+            two (docs/benchmarks.md). Results do not depend on it.
 
     Returns:
         A :class:`MergeResult`: ``.tensors`` and ``.config`` of the merged
@@ -501,10 +545,10 @@ def merge_adapters(
     meth: MergeMethod = get_method(method)
     options = meth.resolve_options(dict(method_options or {}))
 
-    hashes = [_sha256(a.weights_path) if a.weights_path.is_file() else a.content_hash() for a in read]
+    hashes, keys = _input_hashes(read, need_content=not meth.order_matters)
     order = list(range(len(read)))
     if not meth.order_matters:  # a canonical order makes float sums independent of the order given
-        keys = [a.content_hash() for a in read]  # of the tensors, not the file: .bin, safetensors, memory agree
+        # keys: content hashes, of the tensors, not the file: .bin, safetensors, memory agree
         order.sort(key=lambda i: (keys[i], weights[i], str(read[i].path)))
     read = [read[i] for i in order]
     weights = [weights[i] for i in order]
@@ -557,7 +601,7 @@ def merge_adapters(
     group = distributed.current()  # None unless launched with several processes (accelerate launch)
     mine = range(len(plans)) if group is None else group.share([len(p.entries) * (p.features or 1) for p in plans])
     added: dict[str, list[str]] = {}
-    with contextlib.nullcontext() if group is None else group.checked():
+    with torch_threads(threads), contextlib.nullcontext() if group is None else group.checked():
         for done, p in ((k + 1, plans[k]) for k in mine):
             first_key = len(result.tensors)
             b = blocks.sizes[p.name]
@@ -636,7 +680,7 @@ def merge_adapters(
     if out_dir is not None and output == "model":
         from oftmerge.model_fold import fold_adapter
 
-        fold_adapter(result, base, out_dir, shard_size=shard_size, overwrite=overwrite)  # type: ignore[arg-type]
+        fold_adapter(result, base, out_dir, shard_size=shard_size, overwrite=overwrite, threads=threads)  # type: ignore[arg-type]
     elif out_dir is not None:
         result.save(out_dir, overwrite=overwrite)
     return result

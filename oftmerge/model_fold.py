@@ -28,14 +28,13 @@ and says so in a warning and in the report.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,7 @@ from oftmerge.formats.peft_oft import RELEASES, OftAdapter, read_adapter
 from oftmerge.formats.shards import plan_model, tied_embeddings, write_model
 from oftmerge.formats.writer import write_adapter_dir
 from oftmerge.hub import folded_model_card, library_versions, push_folder
-from oftmerge.merge import MergeResult, _sha256
+from oftmerge.merge import MergeResult, _sha256, torch_threads
 
 __all__ = ["FoldResult", "fold_adapter"]
 
@@ -234,7 +233,7 @@ def fold_adapter(
         }
         group = distributed.current()  # several processes (accelerate launch): each writes its share of the shards
         write = write_model if group is None else functools.partial(distributed.write_model, group=group)
-        with _torch_threads(threads):
+        with torch_threads(threads):
             result.out_dir = write(
                 base, out_dir, fold_one, shard_size=shard_size, overwrite=overwrite, extra_files=extra,
                 only=by_key.__contains__, untie=_added(result.untied, ckpt), config_updates=config_updates,
@@ -291,16 +290,3 @@ def _plan(
 def _added(untied: tuple[str, str] | None, ckpt: Checkpoint) -> tuple[str, str] | None:
     """The ``untie`` argument of :func:`write_model`: only when the output embedding is not stored."""
     return untied if untied is not None and untied[1] not in ckpt else None
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
