@@ -10,6 +10,7 @@ pack it for the output layout.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import importlib.metadata
@@ -19,7 +20,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -601,13 +602,17 @@ def merge_adapters(
     group = distributed.current()  # None unless launched with several processes (accelerate launch)
     mine = range(len(plans)) if group is None else group.share([len(p.entries) * (p.features or 1) for p in plans])
     added: dict[str, list[str]] = {}
-    with torch_threads(threads), contextlib.nullcontext() if group is None else group.checked():
+    with (
+        torch_threads(threads),
+        contextlib.nullcontext() if group is None else group.checked(),
+        _Prefetch(read, [plans[k] for k in mine]) as generators,
+    ):
         for done, p in ((k + 1, plans[k]) for k in mine):
             first_key = len(result.tensors)
             b = blocks.sizes[p.name]
             qs, norms = [], []
-            for i, spec in p.entries:
-                q = read[i].generator(p.name) * read[i].rotation_map.sign
+            for (i, spec), loaded in zip(p.entries, generators.next(p)):
+                q = loaded * read[i].rotation_map.sign
                 norms.append(module_norm(q, spec, p.features))
                 qs.append(_to_grid(q, spec, shared, p.features, b))
             w = torch.tensor([weights[i] for i, _ in p.entries], dtype=torch.float64)
@@ -684,6 +689,48 @@ def merge_adapters(
     elif out_dir is not None:
         result.save(out_dir, overwrite=overwrite)
     return result
+
+
+class _Prefetch:
+    """Decode the inputs' generators of the next modules in a thread while this one is merged.
+
+    ``OftAdapter.generator`` (read, finiteness check, float64, unpack) is about
+    a third of a merge's arithmetic; torch releases the GIL, so it overlaps
+    with the merge of the previous module. At most ``_PREFETCH`` modules ahead.
+    """
+
+    def __init__(self, read: Sequence[OftAdapter], plans: Sequence[_ModulePlan]):
+        self._read = read
+        self._plans = iter(plans)
+        self._pending: collections.deque[tuple[str, Future[list[torch.Tensor]]]] = collections.deque()
+        self._pool = ThreadPoolExecutor(1, "oftmerge-read")
+
+    def _load(self, p: _ModulePlan) -> list[torch.Tensor]:
+        return [self._read[i].generator(p.name) for i, _ in p.entries]
+
+    def _fill(self) -> None:
+        while len(self._pending) < _PREFETCH and (p := next(self._plans, None)) is not None:
+            self._pending.append((p.name, self._pool.submit(self._load, p)))
+
+    def next(self, p: _ModulePlan) -> list[torch.Tensor]:
+        """The generators of module ``p`` (the next one in plan order); re-raises a reading error."""
+        self._fill()
+        name, future = self._pending.popleft()
+        assert name == p.name, (name, p.name)
+        self._fill()
+        return future.result()
+
+    def __enter__(self) -> _Prefetch:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for _, future in self._pending:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+
+
+#: modules whose generators are decoded ahead of the one being merged
+_PREFETCH = 2
 
 
 def _gather_modules(
