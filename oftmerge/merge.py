@@ -71,7 +71,7 @@ class ModuleReport:
     input_norms: tuple[float, ...]  #: ||Q_i||_F over the whole module (canonical, effective)
     merged_norm: float
     stats: Mapping[str, Any]
-    ortho_error: float  #: worst block ||R^T R - I||_F of the rotation PEFT will apply
+    ortho_error: float  #: worst block ||R^T R - I||_F of the rotation PEFT will apply (float32 check)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -610,16 +610,20 @@ def merge_adapters(
         for done, p in ((k + 1, plans[k]) for k in mine):
             first_key = len(result.tensors)
             b = blocks.sizes[p.name]
-            qs, norms = [], []
-            for (i, spec), loaded in zip(p.entries, generators.next(p)):
-                q = loaded * read[i].rotation_map.sign
-                norms.append(module_norm(q, spec, p.features))
-                qs.append(_to_grid(q, spec, shared, p.features, b))
+            qs: torch.Tensor | None = None  # (inputs, blocks, b, b), canonical sign, filled in place
+            norms = []
+            for k, ((i, spec), loaded) in enumerate(zip(p.entries, generators.next(p))):
+                norms.append(module_norm(loaded, spec, p.features))
+                on_grid = _to_grid(loaded, spec, shared, p.features, b)
+                if qs is None:
+                    qs = torch.empty((len(p.entries), *on_grid.shape), dtype=torch.float64)
+                torch.mul(on_grid, read[i].rotation_map.sign, out=qs[k])
+            assert qs is not None
             w = torch.tensor([weights[i] for i, _ in p.entries], dtype=torch.float64)
-            if len(qs) == 1:  # one adapter adapts this module: keep its generator as it is
+            if len(p.entries) == 1:  # one adapter adapts this module: keep its generator as it is
                 q, stats = (torch.sign(w[0]) if meth.normalized_weights else w[0]) * qs[0], {}
             else:
-                q, stats = meth(torch.stack(qs), w, **options)
+                q, stats = meth(qs, w, **options)
             if scale != 1.0:
                 q = q * scale
             where = f"module {p.name!r}"
@@ -628,8 +632,7 @@ def merge_adapters(
             if stats.get("cancelled"):
                 cancelled.append(p.name)
             stored = q * rmap.sign
-            applied = rmap.rotation(stored)
-            ortho = _ortho_error(applied)
+            ortho = _ortho_error(rmap.rotation(stored.float()))  # a check against a 1e-2 threshold: float32 suffices
             if rmap.kind == "neumann" and ortho > NEUMANN_ORTHO_WARN:
                 non_orthogonal.append((p.name, ortho))
             result.modules[p.name] = ModuleReport(

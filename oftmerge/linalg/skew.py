@@ -17,6 +17,7 @@ tensor([[1., 2., 3.]])
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -38,12 +39,18 @@ def block_size_from_packed(n: int) -> int:
     return b
 
 
+@functools.lru_cache(maxsize=64)
+def _triu(b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = torch.triu_indices(b, b, 1)
+    return rows, cols
+
+
 def unpack_skew(packed: torch.Tensor) -> torch.Tensor:
     """``(blocks, b(b-1)/2)`` packed upper triangles -> ``(blocks, b, b)`` skew blocks."""
     if packed.dim() != 2:
         raise ValueError(f"expected a 2-D tensor (blocks, b*(b-1)/2), got shape {tuple(packed.shape)}")
     b = block_size_from_packed(packed.shape[1])
-    rows, cols = torch.triu_indices(b, b, 1)
+    rows, cols = _triu(b)
     out = torch.zeros(packed.shape[0], b, b, dtype=packed.dtype, device=packed.device)
     out[:, rows, cols] = packed
     return out - out.transpose(-2, -1)
@@ -54,7 +61,7 @@ def pack_skew(q: torch.Tensor) -> torch.Tensor:
     if q.dim() != 3 or q.shape[-1] != q.shape[-2]:
         raise ValueError(f"expected (blocks, b, b), got shape {tuple(q.shape)}")
     b = q.shape[-1]
-    rows, cols = torch.triu_indices(b, b, 1)
+    rows, cols = _triu(b)
     return q[:, rows, cols].contiguous()
 
 
