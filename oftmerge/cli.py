@@ -53,6 +53,20 @@ def _parse_options(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def add_report_arguments(parser: argparse.ArgumentParser, *, dry_run: str, listed: str = "modules") -> None:
+    """The options every writing command shares: --overwrite, --dry-run, --json, --show, -q."""
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--dry-run", action="store_true", help=dry_run)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--show", type=int, default=12, help=f"{listed} to list in the summary (default: %(default)s)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+
+
+def require_output(args: argparse.Namespace) -> None:
+    if args.output is None and not args.dry_run:
+        raise OftMergeError("give an output directory with -o/--output (or --dry-run to only see the plan)")
+
+
 def _progress(enabled: bool):
     if not enabled or not sys.stderr.isatty():
         return None
@@ -76,8 +90,7 @@ def _is_main() -> bool:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from oftmerge.merge import merge_adapters
 
-    if args.output is None and not args.dry_run:
-        raise OftMergeError("give an output directory with -o/--output (or --dry-run to only see the plan)")
+    require_output(args)
     result = merge_adapters(
         args.adapters,
         method=args.method,
@@ -174,12 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--peft-release", help="PEFT release that wrote the inputs, when their config does not record it")
     m.add_argument("--allow-base-mismatch", action="store_true", help="merge adapters whose configs name different base models")
     m.add_argument("--fold-into", metavar="BASE", help="write a full model instead: the merge folded into base model directory BASE (see `oftmerge fold`)")
-    m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     m.add_argument("--threads", type=int, default=1, help="torch threads for the arithmetic (default: %(default)s; see `oftmerge fold --help`)")
-    m.add_argument("--dry-run", action="store_true", help="print the plan; read no generator, write nothing")
-    m.add_argument("--json", action="store_true", help="print the report as JSON")
-    m.add_argument("--show", type=int, default=12, help="modules to list in the summary (default: %(default)s)")
-    m.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    add_report_arguments(m, dry_run="print the plan; read no generator, write nothing")
     m.set_defaults(func=_cmd_merge)
 
     c = sub.add_parser(

@@ -18,12 +18,10 @@ tensors that are not 2-D use the Euclidean method alone. docs/decoupling.md has 
 
 
 def _cmd_decouple(args: argparse.Namespace) -> int:
-    from oftmerge.cli import _parse_options, _parse_weights, _progress
+    from oftmerge.cli import _parse_options, _parse_weights, _progress, require_output
     from oftmerge.decouple import decouple_merge
-    from oftmerge.errors import OftMergeError
 
-    if args.output is None and not args.dry_run:
-        raise OftMergeError("give an output directory with -o/--output (or --dry-run to only see the plan)")
+    require_output(args)
     result = decouple_merge(
         args.base,
         args.experts,
@@ -56,6 +54,7 @@ def _cmd_decouple(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from oftmerge.cli import add_report_arguments
     from oftmerge.decouple import ON_DOMAIN_ERROR, TARGETS, MAX_ROTATION
     from oftmerge.linalg.procrustes import SOLVERS
     from oftmerge.methods import available_methods
@@ -87,9 +86,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a rotation outside the Cayley chart: merge in the log chart, fall back, or stop (default: %(default)s)")
     p.add_argument("--euclidean-only", action="append", default=[], metavar="REGEX", help="tensor names never decoupled (repeatable)")
     p.add_argument("--shard-size", default="5GB", help="largest shard of the output (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--dry-run", action="store_true", help="print the plan; merge and write nothing")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--show", type=int, default=12, help="tensors listed in the summary (default: %(default)s)")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    add_report_arguments(p, dry_run="print the plan; merge and write nothing", listed="tensors")
     p.set_defaults(func=_cmd_decouple)

@@ -22,12 +22,10 @@ EPILOG_PUSH = """examples:
 
 
 def _cmd_fold(args: argparse.Namespace) -> int:
-    from oftmerge.cli import _is_main, _progress
-    from oftmerge.errors import OftMergeError
+    from oftmerge.cli import _is_main, _progress, require_output
     from oftmerge.model_fold import fold_adapter
 
-    if args.output is None and not args.dry_run:
-        raise OftMergeError("give an output directory with -o/--output (or --dry-run to only see the plan)")
+    require_output(args)
     result = fold_adapter(
         args.adapter,
         args.base,
@@ -70,6 +68,8 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from oftmerge.cli import add_report_arguments
+
     f = sub.add_parser(
         "fold",
         help="fold an OFT adapter into its base model and write a full transformers model",
@@ -85,16 +85,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--base", required=True, help="base model directory (safetensors, sharded or not, or .bin)")
     f.add_argument("-o", "--output", help="output model directory (written atomically)")
     f.add_argument("--shard-size", default="5GB", help="largest shard, e.g. 2GB, 500MB (default: %(default)s)")
-    f.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    f.add_argument("--dry-run", action="store_true", help="print the plan (modules, shards, size); write nothing")
+    add_report_arguments(f, dry_run="print the plan (modules, shards, size); write nothing", listed="modules")
     f.add_argument("--peft-release", help="PEFT release that wrote the adapter, when its config does not record it")
     f.add_argument("--hash-base", action="store_true", help="record the SHA-256 of the base's weight files (reads them again)")
     f.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folded model to this Hub repository afterwards")
     f.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository as private")
     f.add_argument("--threads", type=int, default=1, help="torch threads for the fold; I/O runs in its own threads (default: %(default)s)")
-    f.add_argument("--json", action="store_true", help="print the report as JSON")
-    f.add_argument("--show", type=int, default=12, help="modules to list in the summary (default: %(default)s)")
-    f.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     f.set_defaults(func=_cmd_fold)
 
     p = sub.add_parser(
