@@ -175,5 +175,35 @@ def lm_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits[:, :-1, :].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
+def train_until(model, opt, rows: "RowMaker", tok, task: str, replay: list, n_own: int, n_distill: int,
+                n_text: int, args, label: str) -> tuple[int, list[dict], str]:
+    """Train an expert on ``task`` (own rows + self-distilled replay + text) until its validation
+    accuracy reaches ``args.target`` or ``args.max_steps``; returns (steps, history, why it stopped)."""
+    import time
+
+    from oftmerge.demo.evaluate import score
+
+    t0, step, history, stopped = time.time(), 0, [], "max-steps"
+    while step < args.max_steps:
+        model.train()
+        ids, labels = rows.collate([rows.task_row({task: 1.0}) for _ in range(n_own)]
+                                   + [rows.pool_row(replay) for _ in range(n_distill)]
+                                   + [rows.text_row() for _ in range(n_text)])
+        loss = lm_loss(model, ids, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % args.eval_every == 0:
+            acc = score(model, tok, [task], args.eval_n, split="validation", seed=args.seed)[task]["acc"]
+            history.append({"step": step, "loss": float(loss.detach()), "val_acc": acc})
+            print(f"  [{label}] step {step:4d} loss {float(loss.detach()):.3f} val {100 * acc:.1f}%"
+                  f"  [{time.time() - t0:.0f}s]", flush=True)
+            if acc >= args.target:
+                stopped = f"val acc >= {args.target}"
+                break
+    return step, history, stopped
+
+
 def uniform_weights(tasks=TASK_NAMES) -> dict[str, float]:
     return {t: 1.0 for t in tasks}

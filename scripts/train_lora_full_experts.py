@@ -28,13 +28,12 @@ import warnings
 from pathlib import Path
 
 import train_oft_adapters as oft_script
-from _tiny_common import BASE_DIR, REPO, THREADS, RowMaker, load_stdlib_text, lm_loss, setup_determinism
+from _tiny_common import BASE_DIR, REPO, THREADS, RowMaker, load_stdlib_text, setup_determinism, train_until
 
 import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from oftmerge.demo.evaluate import score  # noqa: E402
 from oftmerge.demo.tasks import TASK_NAMES  # noqa: E402
 
 OUT = REPO / "scratch" / "experts"
@@ -60,25 +59,9 @@ def train_one(kind: str, task: str, args, text: bytes, pools: dict, tok) -> dict
     replay = [pa for t in TASK_NAMES if t != task for pa in pools[t]]
     n_own = round(args.batch_size * args.own_share)
     n_distill = round((args.batch_size - n_own) * args.replay_task_share)
-    t0, step, history, stopped = time.time(), 0, [], "max-steps"
-    while step < args.max_steps:
-        model.train()
-        ids, labels = rows.collate([rows.task_row({task: 1.0}) for _ in range(n_own)]
-                                   + [rows.pool_row(replay) for _ in range(n_distill)]
-                                   + [rows.text_row() for _ in range(args.batch_size - n_own - n_distill)])
-        loss = lm_loss(model, ids, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        if step % args.eval_every == 0:
-            acc = score(model, tok, [task], args.eval_n, split="validation", seed=args.seed)[task]["acc"]
-            history.append({"step": step, "loss": float(loss.detach()), "val_acc": acc})
-            print(f"  [{kind}-{task}] step {step:4d} loss {float(loss.detach()):.3f} val {100 * acc:.1f}%"
-                  f"  [{time.time() - t0:.0f}s]", flush=True)
-            if acc >= args.target:
-                stopped = f"val acc >= {args.target}"
-                break
+    n_text = args.batch_size - n_own - n_distill
+    t0 = time.time()
+    step, history, stopped = train_until(model, opt, rows, tok, task, replay, n_own, n_distill, n_text, args, f"{kind}-{task}")
     out = args.out / f"{kind}-{task}"
     model.save_pretrained(out)
     if kind == "full":

@@ -24,7 +24,7 @@ import time
 import warnings
 from pathlib import Path
 
-from _tiny_common import ADAPTERS, BASE_DIR, THREADS, RowMaker, load_stdlib_text, lm_loss, setup_determinism
+from _tiny_common import ADAPTERS, BASE_DIR, THREADS, RowMaker, load_stdlib_text, setup_determinism, train_until
 
 import torch  # noqa: E402
 from peft import OFTConfig, PeftModel, get_peft_model  # noqa: E402
@@ -122,27 +122,7 @@ def train_one(task: str, spec: dict, args, text: bytes, pools: dict) -> dict:
     n_own = round(args.batch_size * args.own_share)
     n_distill = round((args.batch_size - n_own) * args.replay_task_share)
     n_text = args.batch_size - n_own - n_distill
-    t0 = time.time()
-    history = []
-    step, acc, stopped = 0, 0.0, "max-steps"
-    while step < args.max_steps:
-        model.train()
-        ids, labels = rows.collate([rows.task_row({task: 1.0}) for _ in range(n_own)]
-                                   + [rows.pool_row(replay_pool) for _ in range(n_distill)]
-                                   + [rows.text_row() for _ in range(n_text)])
-        loss = lm_loss(model, ids, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        if step % args.eval_every == 0:
-            acc = score(model, tok, [task], args.eval_n, split="validation", seed=args.seed)[task]["acc"]
-            history.append({"step": step, "loss": float(loss.detach()), "val_acc": acc})
-            print(f"  [{task}] step {step:4d} loss {float(loss.detach()):.3f} val {100 * acc:.1f}%"
-                  f"  [{time.time() - t0:.0f}s]", flush=True)
-            if acc >= args.target:
-                stopped = f"val acc >= {args.target}"
-                break
+    step, history, stopped = train_until(model, opt, rows, tok, task, replay_pool, n_own, n_distill, n_text, args, task)
     diag = q_diagnostics(model)
     print(f"  [{task}] stopped at step {step} ({stopped}); {n_train:,} trainable; {summarize_q(diag)}", flush=True)
     out = OUT / f"oft-{task}"
