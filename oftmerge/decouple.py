@@ -98,13 +98,13 @@ class Expert:
 
 
 def _fingerprint(files: Sequence[Path]) -> str:
-    from oftmerge.merge import _sha256
+    from oftmerge.formats.io import sha256_file
 
     if len(files) == 1:
-        return _sha256(files[0])
+        return sha256_file(files[0])
     import hashlib
 
-    return hashlib.sha256("".join(f"{f.name}:{_sha256(f)}\n" for f in files).encode()).hexdigest()
+    return hashlib.sha256("".join(f"{f.name}:{sha256_file(f)}\n" for f in files).encode()).hexdigest()
 
 
 def _load_expert(path: str | os.PathLike[str], base: Checkpoint, shapes: Mapping[str, tuple[int, ...]]) -> Expert:

@@ -19,8 +19,7 @@ import torch
 
 from oftmerge.formats.checkpoint import Checkpoint
 from oftmerge.formats.peft_oft import OftAdapter, read_adapter
-from oftmerge.linalg import regrid_blocks
-from oftmerge.merge import merge_adapters, module_norm, quiet_merge_log
+from oftmerge.merge import merge_adapters, module_norm, quiet_merge_log, to_grid
 
 __all__ = ["inspect_adapters", "render_report"]
 
@@ -56,16 +55,6 @@ def _module_report(adapter: OftAdapter, name: str, width: int | None) -> dict[st
     return report
 
 
-def _canonical_full(adapter: OftAdapter, name: str, grid: int, shared: bool, features: int | None) -> torch.Tensor:
-    spec = adapter.modules[name]
-    q = adapter.generator(name) * adapter.rotation_map.sign
-    if spec.shared and not shared:
-        q = q.expand(features // spec.block_size, -1, -1)  # type: ignore[operator]
-    elif spec.shared:
-        q = q.expand(grid // spec.block_size, -1, -1)
-    return regrid_blocks(q.contiguous(), grid)
-
-
 def _pair_cosines(a: OftAdapter, b: OftAdapter) -> list[float]:
     out = []
     for name in sorted(set(a.modules) & set(b.modules)):
@@ -75,8 +64,8 @@ def _pair_cosines(a: OftAdapter, b: OftAdapter) -> list[float]:
         grid = math.lcm(sa.block_size, sb.block_size)
         if not shared and features is None:
             continue
-        qa = _canonical_full(a, name, grid, shared, features).flatten()
-        qb = _canonical_full(b, name, grid, shared, features).flatten()
+        qa = to_grid(a.generator(name) * a.rotation_map.sign, sa, shared, features, grid).flatten()
+        qb = to_grid(b.generator(name) * b.rotation_map.sign, sb, shared, features, grid).flatten()
         denom = float(qa.norm() * qb.norm())
         if denom > 0:
             out.append(float(qa @ qb) / denom)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -31,6 +30,7 @@ from oftmerge import distributed
 from oftmerge._version import __version__
 from oftmerge.errors import IncompatibleAdaptersError, NumericalError, OftMergeError
 from oftmerge.formats.checkpoint import Checkpoint
+from oftmerge.formats.io import sha256_file
 from oftmerge.formats.peft_oft import KEY_PREFIX, RELEASES, ModuleSpec, OftAdapter, read_adapter
 from oftmerge.formats.writer import CURRENT_CONFIG_TEMPLATE, BlockConfig, choose_block_config, write_adapter_dir
 from oftmerge.linalg import RotationMap, pack_skew, regrid_blocks
@@ -230,19 +230,11 @@ def _input_hashes(read: Sequence[OftAdapter], need_content: bool) -> tuple[list[
 
     def one(a: OftAdapter) -> tuple[str, str | None]:
         content = a.content_hash() if need_content or not a.weights_path.is_file() else None
-        return (_sha256(a.weights_path) if a.weights_path.is_file() else content), content  # type: ignore[return-value]
+        return (sha256_file(a.weights_path) if a.weights_path.is_file() else content), content  # type: ignore[return-value]
 
     with ThreadPoolExecutor(min(4, len(read)), "oftmerge-hash") as pool:
         pairs = list(pool.map(one, read))
     return [h for h, _ in pairs], [c for _, c in pairs]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_rotation_map(maps: Sequence[RotationMap], choice: str, layout: str) -> tuple[RotationMap, list[str]]:
@@ -434,7 +426,7 @@ def _output_config(
     return config
 
 
-def _to_grid(q: torch.Tensor, spec: ModuleSpec, shared_out: bool, features: int | None, block: int) -> torch.Tensor:
+def to_grid(q: torch.Tensor, spec: ModuleSpec, shared_out: bool, features: int | None, block: int) -> torch.Tensor:
     """Bring stored blocks ``(rows, b, b)`` to the output grid ``block`` (shared or all blocks)."""
     if spec.shared and not shared_out:
         assert features is not None
@@ -614,7 +606,7 @@ def merge_adapters(
             norms = []
             for k, ((i, spec), loaded) in enumerate(zip(p.entries, generators.next(p))):
                 norms.append(module_norm(loaded, spec, p.features))
-                on_grid = _to_grid(loaded, spec, shared, p.features, b)
+                on_grid = to_grid(loaded, spec, shared, p.features, b)
                 if qs is None:
                     qs = torch.empty((len(p.entries), *on_grid.shape), dtype=torch.float64)
                 torch.mul(on_grid, read[i].rotation_map.sign, out=qs[k])

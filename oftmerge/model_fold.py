@@ -49,7 +49,8 @@ from oftmerge.formats.peft_oft import RELEASES, OftAdapter, read_adapter
 from oftmerge.formats.shards import plan_model, tied_embeddings, write_model
 from oftmerge.formats.writer import write_adapter_dir
 from oftmerge.hub import folded_model_card, library_versions, push_folder
-from oftmerge.merge import MergeResult, _sha256, torch_threads
+from oftmerge.formats.io import sha256_file
+from oftmerge.merge import MergeResult, torch_threads
 
 __all__ = ["FoldResult", "fold_adapter"]
 
@@ -132,7 +133,7 @@ def _describe_base(base: Path, ckpt: Checkpoint, hash_base: bool) -> dict[str, A
         "tensors_fingerprint": fp.hexdigest(),
     }
     if hash_base:
-        info["sha256"] = {shard: _sha256(base / shard) for shard in ckpt.shards}
+        info["sha256"] = {shard: sha256_file(base / shard) for shard in ckpt.shards}
     return info
 
 
@@ -147,7 +148,7 @@ def _as_adapter(adapter: Any, shapes: Mapping[str, tuple[int, ...]], peft_releas
         adapter = read_adapter(adapter, peft_release=peft_release, base_shapes=shapes)
     source = {
         "path": str(Path(adapter.path).absolute()),
-        "sha256": _sha256(adapter.weights_path),
+        "sha256": sha256_file(adapter.weights_path),
         "release": RELEASES[adapter.release],
         "release_source": adapter.release_source,
         "rotation_map": adapter.rotation_map.describe(),

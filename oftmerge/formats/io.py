@@ -22,7 +22,7 @@ import torch
 
 from oftmerge.errors import AdapterFormatError, OutputExistsError
 
-__all__ = ["TensorDict", "TensorFile", "atomic_directory", "content_hash", "atomic_write_bytes", "read_json", "write_json_atomic"]
+__all__ = ["TensorDict", "TensorFile", "atomic_directory", "content_hash", "sha256_file", "atomic_write_bytes", "read_json", "write_json_atomic"]
 
 
 _SAFETENSORS_DTYPES = {
@@ -129,6 +129,17 @@ class TensorDict:
         if key not in self._tensors:
             raise AdapterFormatError(f"{self.path}: no tensor named {key!r}")
         return self._tensors[key]
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def content_hash(source: TensorFile | TensorDict) -> str:
