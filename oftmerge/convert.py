@@ -22,8 +22,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
-
 from oftmerge.errors import OftMergeError
 from oftmerge.formats import read_adapter
 from oftmerge.linalg import RotationMap
@@ -81,5 +79,3 @@ def convert_adapter(
     result.options = {"approximate": approximate}
     result.save(Path(dst), overwrite=overwrite)
     return result
-
-
