@@ -60,6 +60,43 @@ def test_wide_rotated_experts_have_zero_residual():
     assert max(dec.report.q_norms) < 2.0 and dec.report.rotation_shift < 2 * max(dec.report.task_norms)
 
 
+@pytest.mark.parametrize("exact_max", [2048, 4])
+def test_merged_rotation_is_applied_without_forming_it(monkeypatch, exact_max):
+    """apply_cayley: W0 cayley(Q) from one LU; the orthogonality error exact, or estimated from probes."""
+    import oftmerge.methods.decoupling as D
+
+    monkeypatch.setattr(D, "ORTHO_EXACT_MAX", exact_max)
+    w0, a = rand(5, 12, seed=4), rand(12, 12, seed=5, scale=0.3)
+    q = a - a.T
+    base_part, err = D.apply_cayley(w0, q)
+    r = cayley(q.unsqueeze(0))[0]
+    assert torch.allclose(base_part, w0 @ r, atol=1e-13)
+    assert err < 1e-12  # a rotation to rounding, by either measure
+    # the estimate tracks a real error: a matrix that is not skew gives a non-orthogonal "R"
+    bad = q + rand(12, 12, seed=6, scale=0.05)
+    _, err_bad = D.apply_cayley(w0, bad)
+    r_bad = torch.linalg.solve(torch.eye(12, dtype=F64) + bad, torch.eye(12, dtype=F64) - bad, left=False)
+    exact = float((r_bad.T @ r_bad - torch.eye(12, dtype=F64)).norm())
+    assert err_bad == pytest.approx(exact, rel=1e-10 if exact_max >= 12 else 0.8) and exact > 0.01
+
+
+def test_wide_layers_decouple_in_the_row_space():
+    """A down_proj-like layer (2 out < in): the rotations stay factored; same result as the dense solve."""
+    import oftmerge.methods.decoupling as D
+    from oftmerge.linalg.procrustes import procrustes_rotation
+
+    w0 = rand(6, 20, seed=7)
+    ws = torch.stack([w0 @ rotation(20, seed=20 + i, size=0.02) + rand(6, 20, seed=30 + i, scale=0.01) for i in range(3)])
+    dec = decompose("down_proj", w0, ws, torch.ones(3, dtype=F64), Settings(euclidean="ta"))
+    rs = [procrustes_rotation(w0, w, row_space=False)[0].dense() for w in ws]  # the in x in anchored solves
+    qs = torch.stack([cayley_generator(r)[0] for r in rs]).unsqueeze(1)
+    q_m, _ = get_method("orthomerge")(qs, torch.ones(3, dtype=F64))
+    assert torch.allclose(dec.base_part, w0 @ cayley(q_m)[0], atol=1e-8)
+    assert torch.allclose(dec.parts, ws - torch.stack([w0 @ r for r in rs]), atol=1e-8)
+    assert dec.report.path == "decoupled" and dec.report.merged_ortho_error < 1e-12
+    assert D.ORTHO_EXACT_MAX >= 20
+
+
 @pytest.mark.parametrize("procrustes", ["robust", "reference", "fast"])
 @pytest.mark.parametrize("shape", [(10, 6), (6, 10)])
 def test_one_expert_with_task_arithmetic_gives_it_back(procrustes, shape):
@@ -421,3 +458,36 @@ def test_cli(models, tmp_path, capsys):
     assert main([*args, "-o", str(tmp_path / "c"), "--target", "conflict", "--procrustes", "fast", "-q"]) == 0
     assert main([*args, "-o", str(tmp_path / "c"), "--option", "p=1"]) == 2
     assert "method 'ties' has no option 'p'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("euclidean", ["ties", "ta", "dare"])
+def test_16_bit_models_merge_elementwise_in_float32(tmp_path, euclidean, monkeypatch):
+    """bf16 checkpoints: TA/TIES/DARE run in float32 (half the traffic of float64) and give the
+    float64 result rounded to bf16, bar a rare double rounding of one ulp."""
+    import oftmerge.methods.euclidean as E
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM(_llama_config(hidden=32)).to(torch.bfloat16)
+    base.save_pretrained(tmp_path / "base")
+    experts = [_save_llama(tmp_path / f"e{i}", 40 + i, perturb_from=tmp_path / "base") for i in range(3)]
+    assert _tensors(experts[0])["model.layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16
+    seen = []
+    method = E.get_euclidean_method(euclidean)
+    spy = E.MergeMethod(method.name, lambda taus, w, **kw: (seen.append(taus.dtype), method.fn(taus, w, **kw))[1],
+                        method.summary, method.reference, method.options)
+    monkeypatch.setitem(E._EUCLIDEAN, euclidean, spy)
+    res = decouple_merge(tmp_path / "base", experts, euclidean=euclidean, orthogonal=None, out_dir=tmp_path / "o")
+    assert set(seen) == {torch.float32}
+    got, b = _tensors(res.out_dir), _tensors(tmp_path / "base")
+    es = [_tensors(e) for e in experts]
+    differ = total = 0
+    for name in res.plan:
+        taus = torch.stack([e[name].double() - b[name].double() for e in es])
+        merged, _ = method(taus, torch.ones(3, dtype=F64), context=TensorContext(name, experts=(0, 1, 2)))
+        ref = (b[name].double() + merged).to(torch.bfloat16)
+        diff = (got[name].float() - ref.float()).abs()
+        ulp = torch.finfo(torch.bfloat16).eps * ref.float().abs().clamp(min=1e-30)
+        assert bool((diff <= ulp).all()), name
+        differ += int((diff > 0).sum())
+        total += diff.numel()
+    assert differ <= 1e-3 * total

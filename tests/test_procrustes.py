@@ -177,3 +177,45 @@ def test_bad_arguments():
         orthogonal_procrustes(eye(3), eye(3), solver="svd")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"two \(out, in\) matrices of one shape, got \(3, 3\) and \(3, 4\)"):
         orthogonal_procrustes(eye(3), torch.zeros(3, 4, dtype=F64))
+
+
+@pytest.mark.parametrize("solver", ["robust", "fast"])
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_wide_layers_are_solved_in_the_row_space(solver, kind):
+    """2 out < in: the k x k problem in the span of the rows gives the in x in anchored answer."""
+    w0 = rand(16, 64, seed=30)
+    if kind == "full":
+        t = w0 + rand(16, 64, seed=31, scale=0.05)
+    else:  # a LoRA target: T's rows add only r = 2 directions, the basis still has 2 out orthonormal columns
+        t = w0 + rand(16, 2, seed=32, scale=0.3) @ rand(2, 64, seed=33, scale=0.3)
+    factored, info = P.procrustes_rotation(w0, t, solver=solver)
+    assert factored.basis is not None and tuple(factored.basis.shape) == (64, 32) and info.solver == solver
+    assert torch.allclose(factored.basis.T @ factored.basis, eye(32), atol=1e-13)
+    dense, _ = P.procrustes_rotation(w0, t, solver=solver, row_space=False)
+    assert dense.basis is None
+    r, d = factored.dense(), dense.dense()
+    assert torch.allclose(r, d, atol=1e-8)  # the same anchored problem; the anchor decides the rest alike
+    assert float((r.T @ r - eye(64)).norm()) < 1e-12 and float(torch.linalg.det(r)) == pytest.approx(1.0)
+    # outside the span R is the identity exactly, and every derived quantity matches the dense one
+    outside = eye(64) - factored.basis @ factored.basis.T
+    assert torch.allclose((r - eye(64)) @ outside, torch.zeros(64, 64, dtype=F64), atol=1e-13)
+    assert torch.allclose(factored.apply(w0), w0 @ r, atol=1e-13)
+    assert torch.allclose(factored.generator()[0], cayley_generator(r)[0], atol=1e-12)
+    assert factored.margin() == pytest.approx(cayley_margin(r), abs=1e-10)
+    assert torch.equal(orthogonal_procrustes(w0, t, solver=solver)[0], r)  # the dense entry point uses it too
+
+
+def test_row_space_is_not_used_for_the_reference_or_square_layers():
+    w0, t = rand(16, 64, seed=34), rand(16, 64, seed=35)
+    assert P.procrustes_rotation(w0, t, solver="reference")[0].basis is None
+    assert P.procrustes_rotation(rand(32, 64, seed=36), rand(32, 64, seed=37))[0].basis is None  # 2 out = in
+    with pytest.raises(ValueError, match="reference"):
+        P.procrustes_rotation(w0, t, solver="reference", row_space=True)
+
+
+def test_spectral_norm_estimate():
+    m = rand(50, 30, seed=40)
+    exact = float(torch.linalg.matrix_norm(m, ord=2))
+    est = P.spectral_norm(m)
+    assert est <= exact * (1 + 1e-12) and est == pytest.approx(exact, rel=5e-3)  # sigma_2 / sigma_1 = 0.98 here
+    assert P.spectral_norm(torch.zeros(5, 5, dtype=F64)) == 0.0

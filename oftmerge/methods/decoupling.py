@@ -34,8 +34,8 @@ from typing import Any
 import torch
 
 from oftmerge.errors import NumericalError
-from oftmerge.linalg import cayley, log_orthogonal
-from oftmerge.linalg.procrustes import CayleyDomainError, cayley_generator, cayley_margin, orthogonal_procrustes
+from oftmerge.linalg import log_orthogonal
+from oftmerge.linalg.procrustes import CayleyDomainError, Rotation, procrustes_rotation
 from oftmerge.methods.registry import get_method
 
 __all__ = ["Decomposition", "LayerReport", "Settings", "conflict_mask", "decompose"]
@@ -86,7 +86,7 @@ class LayerReport:
     conflict_rows: tuple[int, ...] = ()  #: rows kept in each conflict target
     rotation_shift: float = 0.0  #: ||W0 R_m - W0||_F
     residual_norm: float = 0.0  #: ||rho_m||_F (or of the merged task vector)
-    merged_ortho_error: float = 0.0  #: ||R_m^T R_m - I||_F
+    merged_ortho_error: float = 0.0  #: ||R_m^T R_m - I||_F (estimated above 2048 columns: apply_cayley)
     min_margin: float = 2.0  #: min_i of the smallest singular value of I + R_i
     det_flips: int = 0
     chart: str = ""  #: "cayley" or "log" (decoupled layers)
@@ -129,6 +129,38 @@ def _euclidean_only(name: str, settings: Settings, reason: str, w0: torch.Tensor
     return Decomposition(w0, taus, LayerReport(name, tuple(w0.shape), reason, experts, norms))
 
 
+#: above this width the merged rotation's ``||R^T R - I||_F`` is estimated from random probes.
+ORTHO_EXACT_MAX = 2048
+ORTHO_PROBES = 8
+
+
+def apply_cayley(w0: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``W0 R`` for ``R = cayley(Q) = (I - Q)(I + Q)^-1``, and ``||R^T R - I||_F``, from one LU of ``I + Q``.
+
+    ``W0 R`` is the solution of ``X (I + Q) = W0 (I - Q)``: ``out`` right-hand sides instead of the
+    ``in`` of forming ``R`` (a wide layer's ``in x in`` ``R`` is never built). The orthogonality
+    error is exact up to ``ORTHO_EXACT_MAX`` columns; above, it is the Hutchinson estimate
+    ``sqrt(mean_j ||(R^T R - I) g_j||^2)`` over ``ORTHO_PROBES`` seeded Gaussian probes (right on
+    average; within a factor of about 2), with ``R^T = (I + Q)^-T (I - Q)^T`` through the same LU.
+    """
+    d = q.shape[0]
+    plus = q.clone()
+    plus.diagonal().add_(1.0)
+    lu, piv = torch.linalg.lu_factor(plus)
+    rhs = torch.addmm(w0, w0, q, alpha=-1.0)  # W0 (I - Q)
+    base_part = torch.linalg.lu_solve(lu, piv, rhs.transpose(0, 1), adjoint=True).transpose(0, 1)
+    del rhs
+    if d <= ORTHO_EXACT_MAX:
+        eye = torch.eye(d, dtype=q.dtype, device=q.device)
+        r = torch.linalg.lu_solve(lu, piv, (eye - q).transpose(0, 1), adjoint=True).transpose(0, 1)
+        return base_part, _norm(r.transpose(0, 1) @ r - eye)
+    g = torch.randn(d, ORTHO_PROBES, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(q.dtype)
+    y = torch.linalg.lu_solve(lu, piv, g)  # (I + Q)^-1 g
+    y = torch.addmm(y, q, y, alpha=-1.0)  # R g = (I - Q)(I + Q)^-1 g
+    z = torch.linalg.lu_solve(lu, piv, torch.addmm(y, q.transpose(0, 1), y, alpha=-1.0), adjoint=True)  # R^T R g
+    return base_part, float(torch.sqrt(((z - g) ** 2).sum() / ORTHO_PROBES))
+
+
 def decompose(
     name: str,
     w0: torch.Tensor,
@@ -165,17 +197,17 @@ def decompose(
     n, d = ws.shape[0], w0.shape[1]
     fits, flips, notes = [], 0, []
     rhos = torch.empty_like(ws)
-    rotations = torch.empty(n, d, d, dtype=w0.dtype)
+    rotations: list[Rotation] = []  # factored (row space) for wide layers: no in x in matrix per expert
     for i in range(n):
-        r, info = orthogonal_procrustes(w0, targets[i], solver=settings.procrustes, anchor=settings.anchor)  # type: ignore[arg-type]
+        r, info = procrustes_rotation(w0, targets[i], solver=settings.procrustes, anchor=settings.anchor)  # type: ignore[arg-type]
         flips += int(info.det_flipped)
         if info.fell_back:
             notes.append(f"expert {experts[i]}: fast solver fell back ({info.reason})")
-        rot = w0 @ r
+        rot = r.apply(w0)
         moved = _norm(targets[i] - w0)
         fits.append(_norm(targets[i] - rot) / moved if moved > 0 else None)
-        rhos[i] = ws[i] - rot
-        rotations[i] = r
+        torch.sub(ws[i], rot, out=rhos[i])
+        rotations.append(r)
         del r, rot
     del targets
     report = LayerReport(name, tuple(w0.shape), "decoupled", experts, task_norms, fits=tuple(fits),
@@ -190,7 +222,7 @@ def decompose(
     margins = []
     try:
         for i in range(n):
-            qs[i, 0], got = cayley_generator(rotations[i], margin=0.0 if reference else settings.cayley_margin, where=where)
+            qs[i, 0], got = rotations[i].generator(margin=0.0 if reference else settings.cayley_margin, where=where)
             margins.append(got)
     except CayleyDomainError as exc:
         if settings.on_domain_error == "error":
@@ -201,22 +233,26 @@ def decompose(
         if settings.on_domain_error != "log" or settings.orthogonal not in _CHART_FREE:
             return fallback(str(exc))
         try:
-            qs, report.chart = log_orthogonal(rotations).unsqueeze(1), "log"
+            qs, report.chart = log_orthogonal(torch.stack([r.dense() for r in rotations])).unsqueeze(1), "log"
         except ValueError:
             return fallback(f"{exc}, and a rotation has no real logarithm")
-        margins = [cayley_margin(r) for r in rotations]
+        margins = [r.margin() for r in rotations]
     report.min_margin = min(margins)
     report.q_norms = tuple(_norm(q) for q in qs)
     del rotations
     method = get_method(settings.orthogonal)
     q_m, so_stats = method(qs, weights, **method.resolve_options(dict(settings.orthogonal_options)))
     del qs
-    r_m = cayley(q_m)[0] if report.chart == "cayley" else torch.linalg.matrix_exp(q_m)[0]
-    base_part = w0 @ r_m
+    if report.chart == "cayley":
+        base_part, report.merged_ortho_error = apply_cayley(w0, q_m[0])
+    else:
+        r_m = torch.linalg.matrix_exp(q_m)[0]
+        base_part = w0 @ r_m
+        report.merged_ortho_error = _norm(r_m.T @ r_m - torch.eye(r_m.shape[0], dtype=r_m.dtype))
+        del r_m
     if not bool(torch.isfinite(base_part).all()):
         raise NumericalError(f"{where}: the merged rotation is not finite (procrustes={settings.procrustes}); nothing was written")
     report.rotation_shift = _norm(base_part - w0)
-    report.merged_ortho_error = _norm(r_m.T @ r_m - torch.eye(r_m.shape[0], dtype=r_m.dtype))
     report.stats = {k: v for k, v in so_stats.items() if isinstance(v, (int, float, bool, str))}
     if report.rotation_shift > settings.max_rotation * max(task_norms):
         msg = (
