@@ -149,3 +149,43 @@ def test_tsv_averages_tensors_that_are_not_matrices():
     assert torch.allclose(run("tsv", taus), taus.mean(0), atol=1e-15)
     with pytest.raises(OftMergeError, match="keeps 3x4 > rank 9 singular vectors"):
         run("tsv", rand(3, 9, 12, seed=9), fraction=0.5)
+
+
+@pytest.mark.parametrize("data", ["random", "discrete", "adversarial"])
+def test_kth_largest_is_exact_whatever_the_sample_says(monkeypatch, data):
+    import oftmerge.methods.euclidean as E
+
+    monkeypatch.setattr(E, "_BRACKET_MIN", 1000)
+    monkeypatch.setattr(E, "_SAMPLE", 64)
+    g = torch.Generator().manual_seed(5)
+    n = 5003
+    if data == "random":
+        a = torch.rand(n, dtype=F64, generator=g)
+    elif data == "discrete":  # bf16-like deltas: few distinct magnitudes, many ties
+        a = torch.randint(0, 7, (n,), generator=g).to(F64) / 4
+    else:  # the strided sample sees only zeros: the bracket misses and the plain selection runs
+        a = torch.zeros(n, dtype=F64)
+        a[torch.arange(n) % (n // 64) != 0] = torch.rand(n - 65, dtype=F64, generator=g) + 1
+    for k in (1, 2, 17, n // 5, n // 2, n - 1, n):
+        assert float(E._kth_largest(a, k)) == float(torch.kthvalue(a, n - k + 1).values), k
+
+
+def test_ties_trim_keeps_exactly_k_with_tied_magnitudes():
+    """Many equal magnitudes at the cut (as bf16 task vectors have): exactly int(density * numel)
+    entries stay, the lowest indices among the tied ones, the same magnitudes PEFT keeps."""
+    from peft.utils.merge_utils import magnitude_based_pruning
+
+    g = torch.Generator().manual_seed(6)
+    taus = (torch.randint(-3, 4, (2, 40, 30), generator=g) / 8).to(F64)
+    trimmed = trim_magnitudes(taus, 0.3)
+    k = int(0.3 * 1200)
+    for t, mine in zip(taus, trimmed):
+        assert int(torch.count_nonzero(mine)) == k == int(torch.count_nonzero(magnitude_based_pruning(t, 0.3)))
+        kept = mine.abs().flatten()[mine.flatten() != 0].sort().values
+        theirs = magnitude_based_pruning(t, 0.3)
+        assert torch.equal(kept, theirs.abs().flatten()[theirs.flatten() != 0].sort().values)
+        cut = float(kept.min())
+        tied = torch.nonzero(t.abs().flatten() == cut).flatten()
+        chosen = torch.nonzero((mine.flatten() != 0) & (t.abs().flatten() == cut)).flatten()
+        assert torch.equal(chosen, tied[: chosen.numel()])  # lowest indices first
+        assert torch.equal(mine[mine != 0], t[mine != 0])  # kept entries unchanged
