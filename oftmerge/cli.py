@@ -108,7 +108,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if not args.dry_run and args.fold_into:
         from oftmerge.model_fold import fold_adapter
 
-        fold_adapter(result, args.fold_into, args.output, overwrite=args.overwrite, threads=args.threads)
+        fold_adapter(result, args.fold_into, args.output, shard_size=args.shard_size, overwrite=args.overwrite, threads=args.threads)
     elif not args.dry_run:
         result.save(args.output, overwrite=args.overwrite)
     if not _is_main():  # under accelerate launch only the main process reports
@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--peft-release", help="PEFT release that wrote the inputs, when their config does not record it")
     m.add_argument("--allow-base-mismatch", action="store_true", help="merge adapters whose configs name different base models")
     m.add_argument("--fold-into", metavar="BASE", help="write a full model instead: the merge folded into base model directory BASE (see `oftmerge fold`)")
+    m.add_argument("--shard-size", default="5GB", help="with --fold-into: largest shard of the model, e.g. 2GB (default: %(default)s)")
     m.add_argument("--threads", type=int, default=1, help="torch threads for the arithmetic (default: %(default)s; see `oftmerge fold --help`)")
     add_report_arguments(m, dry_run="print the plan; read no generator, write nothing")
     m.set_defaults(func=_cmd_merge)

@@ -394,6 +394,10 @@ def test_cli_merge_fold_into(llama, tmp_path, capsys):
     assert f"wrote {(tmp_path / 'm').absolute()}" in capsys.readouterr().out
     assert (tmp_path / "m" / "model.safetensors").is_file() and (tmp_path / "m" / "config.json").is_file()
     _load_llama(tmp_path / "m")
+    # --shard-size reaches the folded model's writer
+    assert main(["merge", str(a), str(b), "--fold-into", str(base), "-o", str(tmp_path / "s"), "--shard-size", "100KB", "-q"]) == 0
+    assert (tmp_path / "s" / "model.safetensors.index.json").is_file() and not (tmp_path / "s" / "model.safetensors").exists()
+    _load_llama(tmp_path / "s")
 
 
 # -- crash safety ---------------------------------------------------------------------------------
