@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_fold import make_base, run_child  # noqa: E402
+from bench_fold import add_model_arguments, make_base, run_child  # noqa: E402
 
 ROTATION_BLOCK = 64
 
@@ -312,15 +312,10 @@ def profile_tensor(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="*", default=[], help="ties, solver, decouple (default: only --make)")
+    p.add_argument("what", nargs="*", default=[], help=f"solver, profile, {', '.join(GROUPS)} (none: only --make)")
     p.add_argument("--make", action="store_true", help="generate the inputs if missing")
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/oftmerge-bench-decouple"))
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=8192)
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_model_arguments(p, "/tmp/oftmerge-bench-decouple")
     p.add_argument("--experts", type=int, default=3)
-    p.add_argument("--shard-size", default="5GB")
     p.add_argument("--rotation", type=float, default=0.02, help="relative size of W0 (R_i - I)")
     p.add_argument("--noise", type=float, default=0.01, help="relative size of the noise")
     p.add_argument("--density", type=float, default=0.2)

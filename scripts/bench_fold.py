@@ -175,15 +175,20 @@ def machine() -> dict[str, str]:
     return {"nproc": str(os.cpu_count()), "free -g": free, "torch threads": str(torch.get_num_threads()), "torch": torch.__version__}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/oftmerge-bench"))
+def add_model_arguments(p: argparse.ArgumentParser, workdir: str) -> None:
+    """The synthetic model's shape (a Llama-3.2-1B-like 1.2 B by default), shards and work directory."""
+    p.add_argument("--workdir", type=Path, default=Path(workdir))
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--intermediate", type=int, default=8192)
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--shard-size", default="5GB")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p, "/tmp/oftmerge-bench")
+    p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3, help="runs of each fast contender; the best is reported (PEFT runs once)")
     p.add_argument("--skip", action="append", default=[], choices=["oftmerge", "peft", "io", "io+sync"])
     p.add_argument("--write-docs", type=Path, help="replace the Fold section of this markdown file with the table")
