@@ -147,6 +147,16 @@ def _child(args) -> None:
     print(json.dumps({"baseline_mb": before, "peak_mb": _status("VmHWM"), "seconds": time.time() - t0}))
 
 
+def bound_mb(out: int, inp: int, n: int) -> float:
+    """The float64 working set of one decoupled (out, in) tensor with n experts, in MB (docs/decoupling.md)."""
+    if 2 * out < inp:  # row space: k = 2 out; dense in x in generators, their weighted copy, the merged LU
+        k = 2 * out
+        words = (2 * n + 6) * inp**2 + (n + 3) * inp * k + (n + 14) * k**2 + (5 * n + 4) * out * inp
+    else:
+        words = (3 * n + 14) * inp**2 + (5 * n + 4) * out * inp
+    return 8 * words / 2**20
+
+
 def memory(args) -> str:
     import os
     import tempfile
@@ -154,13 +164,14 @@ def memory(args) -> str:
     n = 4
     lines = [f"TIES + OrthoMerge-C, N = {n} full experts, synthetic float32 models with `layers` tensors of shape "
              "(out, in). Each run is a fresh process; after a warm-up merge of a tiny model (imports, BLAS buffers) "
-             "the kernel's high-water mark is reset, and the peak RSS of the run is given above the RSS before it. The bound is 8 B x [(2N + 14) in^2 + (5N + 4) out in] "
-             "(see above). glibc's default malloc raises its mmap threshold as large blocks are freed, after which "
+             "the kernel's high-water mark is reset, and the peak RSS of the run is given above the RSS before it. The bound "
+             "is the working set stated above (`bound_mb`: 8 B x [(3N + 14) in^2 + (5N + 4) out in], or for wide layers "
+             "8 B x [(2N + 6) in^2 + (N + 3) in k + (N + 14) k^2 + (5N + 4) out in] with k = 2 out). glibc's default malloc raises its mmap threshold as large blocks are freed, after which "
              "freed tensors fragment the heap and the peak creeps up by about a block per layer; with "
              "`MALLOC_MMAP_THRESHOLD_=65536` (fixed threshold) the peak is flat in the number of layers:", "",
              "| layers | out x in | model (MB, float32) | all inputs (MB) | bound (MB) | peak, default malloc (MB) | "
              "peak, fixed mmap threshold (MB) | seconds |", "|---" * 8 + "|"]
-    for layers, out, inp in ((2, 256, 512), (8, 256, 512), (2, 512, 256), (2, 256, 1024)):
+    for layers, out, inp in ((2, 256, 512), (8, 256, 512), (2, 512, 256), (2, 256, 1024), (2, 128, 2048)):
         peaks = []
         for env in ({}, {"MALLOC_MMAP_THRESHOLD_": "65536"}):
             with tempfile.TemporaryDirectory(dir=args.work) as tmp:
@@ -169,7 +180,7 @@ def memory(args) -> str:
                 run = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **env})
                 peaks.append(json.loads(run.stdout.strip().splitlines()[-1]))
         model_mb = layers * out * inp * 4 / 2 ** 20
-        bound = 8 * ((2 * n + 14) * inp ** 2 + (5 * n + 4) * out * inp) / 2 ** 20
+        bound = bound_mb(out, inp, n)
         cells = " | ".join(f"{p['peak_mb'] - p['baseline_mb']:.0f}" for p in peaks)
         lines.append(f"| {layers} | {out} x {inp} | {model_mb:.0f} | {model_mb * (n + 1):.0f} | {bound:.0f} | {cells} | "
                      f"{peaks[0]['seconds']:.1f} |")
