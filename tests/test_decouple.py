@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -95,6 +96,36 @@ def test_wide_layers_decouple_in_the_row_space():
     assert torch.allclose(dec.parts, ws - torch.stack([w0 @ r for r in rs]), atol=1e-8)
     assert dec.report.path == "decoupled" and dec.report.merged_ortho_error < 1e-12
     assert D.ORTHO_EXACT_MAX >= 20
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (3, 12)])
+def test_linear_so_d_methods_are_streamed_into_one_accumulator(monkeypatch, shape):
+    """orthomerge/mean_q get the weighted sum built one generator at a time (placed from the row-space core for
+    wide layers); the same merge as stacking the N dense generators: bit for bit when dense, to rounding when factored."""
+    import oftmerge.methods.decoupling as D
+
+    w0 = rand(*shape, seed=11)
+    ws = torch.stack([w0 @ rotation(shape[1], seed=50 + i, size=0.05) + rand(*shape, seed=60 + i, scale=0.01) for i in range(3)])
+    weights = torch.tensor([1.0, 0.5, 2.0], dtype=F64)
+    for name in ("orthomerge", "mean_q"):
+        method, calls = get_method(name), []
+
+        def spy(s, norms, w, **opts):
+            calls.append(tuple(s.shape))
+            return method.from_sum(s, norms, w, **opts)
+
+        monkeypatch.setattr(D, "get_method", lambda _n: dataclasses.replace(method, from_sum=spy))
+        streamed = decompose("w", w0, ws, weights, Settings(euclidean="ta", orthogonal=name))
+        assert calls == [(1, shape[1], shape[1])]  # one accumulated sum, not a stack of N
+        monkeypatch.setattr(D, "get_method", lambda _n: dataclasses.replace(method, from_sum=None))
+        stacked = decompose("w", w0, ws, weights, Settings(euclidean="ta", orthogonal=name))
+        monkeypatch.undo()
+        assert streamed.report.q_norms == pytest.approx(stacked.report.q_norms, rel=1e-12)
+        if shape[0] * 2 >= shape[1]:  # dense rotations
+            assert torch.equal(streamed.base_part, stacked.base_part)
+        else:
+            assert torch.allclose(streamed.base_part, stacked.base_part, rtol=0, atol=1e-13)
+        assert streamed.report.stats == pytest.approx(stacked.report.stats)
 
 
 @pytest.mark.parametrize("procrustes", ["robust", "reference", "fast"])

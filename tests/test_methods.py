@@ -121,3 +121,25 @@ def test_registry_errors_name_the_choices():
     with pytest.raises(OftMergeError, match="has no option 'bogus'.*per_block"):
         get_method("orthomerge").resolve_options({"bogus": 1})
     assert set(available_methods()) >= {"orthomerge", "mean_q", "mean_r", "sequential", "karcher"}
+
+
+@pytest.mark.parametrize("name", [n for n, m in available_methods().items() if m.from_sum is not None])
+@pytest.mark.parametrize("n", [2, 5, 8])
+def test_linear_methods_from_the_sum_equal_the_stacked_call(name, n):
+    """``from_sum`` (what decoupling streams into) gives the stacked result bit for bit, any N."""
+    from oftmerge.methods import weighted_sum
+
+    method = get_method(name)
+    qs = skew_stack(n, 3, 6, seed=40 + n)
+    w = torch.linspace(-0.5, 2.0, n, dtype=torch.float64)
+    stacked, stats = method(qs, w)
+    s = torch.mul(qs[0], w[0])
+    for i in range(1, n):  # the streaming caller's order
+        s.add_(qs[i] * w[i])
+    assert torch.equal(s, weighted_sum(qs, w))
+    streamed, stats2 = method.from_sum(s, torch.linalg.matrix_norm(qs), w)
+    assert torch.equal(stacked, streamed) and stats == stats2
+
+
+def test_only_the_linear_methods_declare_from_sum():
+    assert sorted(n for n, m in available_methods().items() if m.from_sum is not None) == ["mean_q", "orthomerge"]

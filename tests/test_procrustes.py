@@ -112,7 +112,7 @@ def test_reflections_are_flipped_to_rotations():
 def test_fast_solver_rejects_a_result_that_is_not_orthogonal(monkeypatch):
     w0, t = rand(12, 12, seed=7), rand(12, 12, seed=8)
     exact, _ = orthogonal_procrustes(w0, t, solver="robust")
-    monkeypatch.setattr(P, "polar_newton", lambda m: (m, 3))  # a "solver" that does nothing
+    monkeypatch.setattr(P, "polar_newton", lambda m, **_: P.NewtonPolar(m, 3, 1.0, P._ortho_error(m)))  # a "solver" that does nothing
     r, info = orthogonal_procrustes(w0, t, solver="fast")
     assert info.fell_back and info.solver == "robust"
     assert "||R^T R - I||_F" in info.reason and "after 3 steps" in info.reason
@@ -122,10 +122,44 @@ def test_fast_solver_rejects_a_result_that_is_not_orthogonal(monkeypatch):
 def test_newton_polar_converges_where_two_steps_do_not():
     m = rand(30, 30, seed=9) @ torch.diag(torch.logspace(0, -6, 30, dtype=F64))
     exact, _ = special_polar(m) if torch.linalg.det(m) > 0 else special_polar(-m)
-    x, its = polar_newton(m)
-    assert P._ortho_error(x) < 1e-12 and its < 20
-    x2, _ = polar_newton(m, max_iter=2)
-    assert P._ortho_error(x2) > P.FAST_ORTHO_TOL
+    got = polar_newton(m)
+    assert P._ortho_error(got.x) < 1e-12 and got.iterations < 20 and got.low_precision_steps == 0
+    assert got.ortho_error == pytest.approx(P._ortho_error(got.x), rel=1e-9)
+    u, _, vh = torch.linalg.svd(m)
+    assert torch.allclose(got.x, u @ vh, atol=1e-10)  # the polar factor, a reflection here (det m < 0)
+    short = polar_newton(m, max_iter=2)
+    assert P._ortho_error(short.x) > P.FAST_ORTHO_TOL and short.ortho_error == pytest.approx(P._ortho_error(short.x))
+
+
+def test_newton_polar_in_float32_after_the_first_step():
+    """Mixed precision (the default from FAST_FLOAT32_MIN columns): first step float64, then float32, one
+    float64 Newton-Schulz polish. Orthogonal to float64 rounding; the factor agrees with the exact one to
+    about float32 precision times the second iterate's condition number."""
+    d = 96
+    m = rand(d, d, seed=12) @ torch.diag(torch.logspace(0, -5, d, dtype=F64)) @ rotation(d, seed=13, size=0.3)
+    if torch.linalg.det(m) < 0:
+        m[:, 0] = -m[:, 0]
+    exact, _ = special_polar(m)
+    got = polar_newton(m, low=torch.float32)
+    assert got.det_sign == 1.0
+    assert got.x.dtype == F64 and got.low_precision_steps == got.iterations - 1 >= 3
+    assert P._ortho_error(got.x) < 1e-10 and got.ortho_error == pytest.approx(P._ortho_error(got.x), rel=1e-6)
+    err = float((got.x - exact).norm())
+    assert 1e-9 < err < 1e-3  # float32 shows, and stays small (cond of the second iterate ~ sqrt(1e5))
+    both64 = polar_newton(m, low=F64)
+    assert float((both64.x - exact).norm()) < 1e-9
+    assert polar_newton(m).low_precision_steps == 0  # below FAST_FLOAT32_MIN: float64 throughout
+    # a reflection is seen from the first LU, before any iteration
+    flipped = polar_newton(m @ torch.diag(torch.tensor([-1.0] + [1.0] * (d - 1), dtype=F64)), low=torch.float32, stop_on_reflection=True)
+    assert flipped.det_sign < 0 and flipped.iterations == 1
+
+
+def test_ortho_error_is_exact_then_estimated():
+    x = rotation(64, seed=14) + rand(64, 64, seed=15, scale=1e-4)
+    exact = P._ortho_error(x)
+    assert P.ortho_error(x) == exact
+    est = P.ortho_error(x, exact_max=32)
+    assert exact / 3 < est < 3 * exact
 
 
 def muon_quintic(m: torch.Tensor, steps: int = 5) -> torch.Tensor:

@@ -35,7 +35,7 @@ import torch
 
 from oftmerge.errors import NumericalError
 from oftmerge.linalg import log_orthogonal
-from oftmerge.linalg.procrustes import CayleyDomainError, Rotation, procrustes_rotation
+from oftmerge.linalg.procrustes import ORTHO_EXACT_MAX, ORTHO_PROBES, CayleyDomainError, Rotation, procrustes_rotation
 from oftmerge.methods.registry import get_method
 
 __all__ = ["Decomposition", "LayerReport", "Settings", "conflict_mask", "decompose"]
@@ -129,9 +129,6 @@ def _euclidean_only(name: str, settings: Settings, reason: str, w0: torch.Tensor
     return Decomposition(w0, taus, LayerReport(name, tuple(w0.shape), reason, experts, norms))
 
 
-#: above this width the merged rotation's ``||R^T R - I||_F`` is estimated from random probes.
-ORTHO_EXACT_MAX = 2048
-ORTHO_PROBES = 8
 
 
 def apply_cayley(w0: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -159,6 +156,40 @@ def apply_cayley(w0: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, float
     y = torch.addmm(y, q, y, alpha=-1.0)  # R g = (I - Q)(I + Q)^-1 g
     z = torch.linalg.lu_solve(lu, piv, torch.addmm(y, q.transpose(0, 1), y, alpha=-1.0), adjoint=True)  # R^T R g
     return base_part, float(torch.sqrt(((z - g) ** 2).sum() / ORTHO_PROBES))
+
+
+def _merge_generators(
+    rotations: list[Rotation], weights: torch.Tensor, method: Any, options: Mapping[str, Any], margin: float, where: str
+) -> tuple[torch.Tensor, dict[str, Any], list[float], list[float]]:
+    """The so(d) merge of the rotations' Cayley generators: ``(Q_m (1, d, d), stats, margins, ||Q_i||_F)``.
+
+    A method linear in the generators (``from_sum``: ``orthomerge``, ``mean_q``) gets the weighted
+    sum accumulated one generator at a time, each placed straight from its row-space core: one
+    ``(d, d)`` accumulator instead of ``N`` generators and their weighted copies. Other methods
+    get the stack ``(N, 1, d, d)``. Raises :class:`CayleyDomainError` for a rotation outside the chart.
+    """
+    n, d = len(rotations), rotations[0].size
+    margins: list[float] = []
+    norms: list[float] = []
+    if method.from_sum is not None:
+        acc: torch.Tensor | None = None
+        for r, w in zip(rotations, weights.tolist()):
+            q, got = r.generator_core(margin=margin, where=where)
+            margins.append(got)
+            norms.append(_norm(q))
+            acc = r.embed(q, into=acc, alpha=w)
+            del q
+        assert acc is not None
+        block_norms = torch.tensor(norms, dtype=torch.float64).view(n, 1)
+        q_m, stats = method.from_sum(acc.unsqueeze(0), block_norms, weights, **options)
+        return q_m, stats, margins, norms
+    qs = torch.empty(n, 1, d, d, dtype=rotations[0].core.dtype)  # one block of the full width
+    for i, r in enumerate(rotations):
+        qs[i, 0], got = r.generator(margin=margin, where=where)
+        margins.append(got)
+    norms = [_norm(q) for q in qs]
+    q_m, stats = method(qs, weights, **options)
+    return q_m, stats, margins, norms
 
 
 def decompose(
@@ -203,7 +234,7 @@ def decompose(
         flips += int(info.det_flipped)
         if info.fell_back:
             notes.append(f"expert {experts[i]}: fast solver fell back ({info.reason})")
-        rot = r.apply(w0)
+        rot = r.apply(w0, is_base=True)
         moved = _norm(targets[i] - w0)
         fits.append(_norm(targets[i] - rot) / moved if moved > 0 else None)
         torch.sub(ws[i], rot, out=rhos[i])
@@ -218,12 +249,11 @@ def decompose(
         return Decomposition(w0, ws - w0, report)
 
     where = f"tensor {name!r}"
-    qs = torch.empty(n, 1, d, d, dtype=w0.dtype)  # one block of the full width, as the so(d) methods take it
-    margins = []
+    method = get_method(settings.orthogonal)
+    options = method.resolve_options(dict(settings.orthogonal_options))
     try:
-        for i in range(n):
-            qs[i, 0], got = rotations[i].generator(margin=0.0 if reference else settings.cayley_margin, where=where)
-            margins.append(got)
+        q_m, so_stats, margins, q_norms = _merge_generators(rotations, weights, method, options,
+                                                            0.0 if reference else settings.cayley_margin, where)  # fmt: skip
     except CayleyDomainError as exc:
         if settings.on_domain_error == "error":
             raise CayleyDomainError(
@@ -237,12 +267,12 @@ def decompose(
         except ValueError:
             return fallback(f"{exc}, and a rotation has no real logarithm")
         margins = [r.margin() for r in rotations]
+        q_norms = [_norm(q) for q in qs]
+        q_m, so_stats = method(qs, weights, **options)
+        del qs
     report.min_margin = min(margins)
-    report.q_norms = tuple(_norm(q) for q in qs)
+    report.q_norms = tuple(q_norms)
     del rotations
-    method = get_method(settings.orthogonal)
-    q_m, so_stats = method(qs, weights, **method.resolve_options(dict(settings.orthogonal_options)))
-    del qs
     if report.chart == "cayley":
         base_part, report.merged_ortho_error = apply_cayley(w0, q_m[0])
     else:

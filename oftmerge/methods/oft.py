@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from oftmerge.linalg import cayley, inverse_cayley, karcher_mean, polar
-from oftmerge.methods.registry import MethodOption, merge_method
+from oftmerge.methods.registry import MethodOption, merge_method, weighted_sum
 
 log = logging.getLogger(__name__)
 
@@ -30,31 +30,17 @@ log = logging.getLogger(__name__)
 CANCEL_TOL = 1e-4
 
 
-def _norms(qs: torch.Tensor, per_block: bool) -> torch.Tensor:
-    """Frobenius norms: ``(N,)`` over the whole module, or ``(N, blocks)`` per block."""
-    if per_block:
-        return torch.linalg.matrix_norm(qs)
-    return torch.linalg.matrix_norm(qs).square().sum(-1).sqrt()
+def _module_norms(block_norms: torch.Tensor, per_block: bool) -> torch.Tensor:
+    """``(N, blocks)`` block norms -> per block, or over the whole module ``(N,)``."""
+    return block_norms if per_block else block_norms.square().sum(-1).sqrt()
 
 
-@merge_method(
-    "orthomerge",
-    summary="Magnitude-corrected mean in so(d): direction of the weighted sum, weighted mean norm (default)",
-    reference="OrthoMerge (ICML 2026), Eq. 7-8",
-    options=(
-        MethodOption("per_block", bool, False, "take norms per block instead of over the whole module"),
-        MethodOption("cancel_tol", float, CANCEL_TOL, "||S|| / sum|w|·||Q|| below this: directions cancel"),
-    ),
-)
-def orthomerge(
-    qs: torch.Tensor, weights: torch.Tensor, *, per_block: bool = False, cancel_tol: float = CANCEL_TOL
+def _orthomerge_from_sum(
+    s: torch.Tensor, block_norms: torch.Tensor, weights: torch.Tensor, *, per_block: bool = False, cancel_tol: float = CANCEL_TOL
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    w = weights.to(qs.dtype)
-    wabs = w.abs()
-    norms = _norms(qs, per_block)  # (N,) or (N, blocks)
-    shape = (-1,) + (1,) * (qs.dim() - 1)
-    s = (w.view(shape) * qs).sum(0)
-    s_norm = _norms(s.unsqueeze(0), per_block)[0]
+    wabs = weights.to(s.dtype).abs()
+    norms = _module_norms(block_norms, per_block)  # (N,) or (N, blocks)
+    s_norm = _module_norms(torch.linalg.matrix_norm(s).unsqueeze(0), per_block)[0]
     wn = (wabs.view((-1,) + (1,) * (norms.dim() - 1)) * norms).sum(0)  # sum |w_i| ||Q_i||
     target = wn / wabs.sum()
     zero = wn == 0
@@ -72,13 +58,34 @@ def orthomerge(
 
 
 @merge_method(
+    "orthomerge",
+    summary="Magnitude-corrected mean in so(d): direction of the weighted sum, weighted mean norm (default)",
+    reference="OrthoMerge (ICML 2026), Eq. 7-8",
+    options=(
+        MethodOption("per_block", bool, False, "take norms per block instead of over the whole module"),
+        MethodOption("cancel_tol", float, CANCEL_TOL, "||S|| / sum|w|·||Q|| below this: directions cancel"),
+    ),
+    from_sum=_orthomerge_from_sum,
+)
+def orthomerge(
+    qs: torch.Tensor, weights: torch.Tensor, *, per_block: bool = False, cancel_tol: float = CANCEL_TOL
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    return _orthomerge_from_sum(weighted_sum(qs, weights), torch.linalg.matrix_norm(qs), weights,
+                                per_block=per_block, cancel_tol=cancel_tol)  # fmt: skip
+
+
+def _mean_q_from_sum(s: torch.Tensor, block_norms: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    return s / weights.to(s.dtype).abs().sum(), {}
+
+
+@merge_method(
     "mean_q",
     summary="Plain weighted mean of generators, no magnitude correction (paper's Table 4 ablation)",
     reference="OrthoMerge (ICML 2026), Table 4 'mean of Q'",
+    from_sum=_mean_q_from_sum,
 )
 def mean_q(qs: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-    w = weights.to(qs.dtype)
-    return (w.view(-1, 1, 1, 1) * qs).sum(0) / w.abs().sum(), {}
+    return _mean_q_from_sum(weighted_sum(qs, weights), torch.linalg.matrix_norm(qs), weights)
 
 
 def _signed_rotations(qs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
