@@ -39,6 +39,7 @@ def _cmd_decouple(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         shard_size=args.shard_size,
         dry_run=args.dry_run,
+        threads=args.threads,
         progress=_progress(not args.quiet),
     )
     if args.json:
@@ -78,6 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--procrustes", default="robust", choices=SOLVERS,
                    help="robust (SO(d), null space anchored), reference (the paper's plain SVD), fast (checked Newton) (default: %(default)s)")
     p.add_argument("--weights", help="comma-separated weight per expert")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the arithmetic (default: torch's, one per core). Results are bit-identical for "
+                   "one thread count, also split over processes with accelerate launch, which gives each process one")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="Euclidean method option, e.g. density=0.2, p=0.5, seed=1, scale=1")
     p.add_argument("--orthogonal-option", action="append", default=[], metavar="KEY=VALUE", help="so(d) method option, e.g. per_block=true")
     p.add_argument("--max-rotation", type=float, default=MAX_ROTATION,

@@ -27,6 +27,7 @@ order they are given in does not change a byte of the output.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -39,10 +40,12 @@ from typing import Any
 
 import torch
 
+from oftmerge import distributed
 from oftmerge.errors import IncompatibleAdaptersError, NumericalError, OftMergeError
 from oftmerge.formats.checkpoint import Checkpoint
 from oftmerge.formats.lora import LoraAdapter, is_lora_adapter, read_lora
 from oftmerge.formats.shards import write_model
+from oftmerge.merge import torch_threads
 from oftmerge.linalg.procrustes import SOLVERS
 from oftmerge.methods import get_method
 from oftmerge.methods.decoupling import MAX_ROTATION, ON_DOMAIN_ERROR, TARGETS, Decomposition, LayerReport, Settings, decompose
@@ -310,6 +313,7 @@ def decouple_merge(
     overwrite: bool = False,
     shard_size: int | str = "5GB",
     dry_run: bool = False,
+    threads: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> DecoupleResult:
     """Merge LoRA adapters and/or full finetunes of ``base`` into one full model, tensor by tensor.
@@ -340,6 +344,10 @@ def decouple_merge(
         overwrite: replace an existing ``out_dir``.
         shard_size: largest shard, e.g. ``"5GB"``.
         dry_run: read configs and shapes only; report the plan.
+        threads: torch threads for the arithmetic (restored afterwards; None leaves torch's setting).
+            LAPACK's SVD and QR, and BLAS products, may round differently with another thread
+            count: the output is bit-identical for one thread count (and any number of processes
+            under ``accelerate launch``, whose processes get one thread each unless told otherwise).
         progress: ``progress(done, total, name)`` after each tensor written.
     """
     settings = _settings(euclidean, orthogonal, target, procrustes, euclidean_options, orthogonal_options,
@@ -402,9 +410,20 @@ def decouple_merge(
         dec = decompose(name, w0, stack[: len(idx)], wt, settings, decouple=plan[name] == "decouple", experts=tuple(idx))
         return dec, idx
 
+    group = distributed.current()  # several processes (accelerate launch): each merges and writes its share of the shards
+
+    def cost(name: str, shape: tuple[int, ...]) -> float:
+        """Rough work of one tensor, to balance processes: its entries, and for a decoupled one its solves."""
+        numel = math.prod(shape)
+        if plan.get(name) != "decouple":
+            return float(numel)
+        width = min(shape[1], 2 * shape[0])  # the Procrustes size (row space for wide layers)
+        return float(len(loaded) * (numel * shape[1] + 20 * width**3))
+
     thresholds = None
     if settings.euclidean == "ties" and e_opts.get("trim") == "model":
-        thresholds = _model_thresholds(base_ckpt, plan, split, len(loaded), float(e_opts["density"]))
+        with torch_threads(threads):
+            thresholds = _model_thresholds(base_ckpt, plan, split, len(loaded), float(e_opts["density"]), group, cost)
 
     def tensor_fn(name: str, tensor: torch.Tensor) -> torch.Tensor | None:
         got = split(name, tensor)
@@ -424,33 +443,84 @@ def decouple_merge(
         return out.to(tensor.dtype).contiguous()
 
     extra: dict[str, Any] = {} if progress is None else {"progress": progress}
-    write_model(base, out_dir, tensor_fn, shard_size=shard_size, overwrite=overwrite, extra_files=_LateFiles(result),
-                only=plan.__contains__, **extra)
+    with torch_threads(threads):
+        _write(base, out_dir, tensor_fn, group, result, plan, cost, shard_size, overwrite, extra)
     result.out_dir = target_dir
     fb = [r for r in result.layers.values() if r.path.startswith("fallback")]
     if fb:
         result.warnings.append(f"{len(fb)} tensor(s) fell back to the Euclidean method alone (first: {fb[0].name}: {fb[0].path})")
-    for w in result.warnings:
-        log.warning(w)
+    if group is None or group.is_main:  # one process says it
+        for w in result.warnings:
+            log.warning(w)
     return result
 
 
-def _model_thresholds(ckpt: Checkpoint, plan: Mapping[str, str], split: Callable[..., Any], n: int, density: float) -> list[float]:
-    """First pass of a model-wide TIES trim: one magnitude threshold per expert."""
+def _write(
+    base: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    tensor_fn: Callable[[str, torch.Tensor], torch.Tensor | None],
+    group: distributed.Group | None,
+    result: DecoupleResult,
+    plan: Mapping[str, str],
+    cost: Callable[[str, tuple[int, ...]], float],
+    shard_size: int | str,
+    overwrite: bool,
+    extra: Mapping[str, Any],
+) -> None:
+    """Write the merged model: one process, or each process of a launched run its share of the shards."""
+    if group is None:
+        write_model(base, out_dir, tensor_fn, shard_size=shard_size, overwrite=overwrite, extra_files=_LateFiles(result),
+                    only=plan.__contains__, **extra)
+    else:
+
+        def gather_reports() -> None:  # every process's tensors, back in plan order, before oftmerge.json is written
+            parts: dict[str, LayerReport] = {}
+            for part in group.gather(result.layers):
+                parts.update(part)
+            result.layers = {name: parts[name] for name in plan if name in parts}
+
+        distributed.write_model(base, out_dir, tensor_fn, group=group, shard_size=shard_size, overwrite=overwrite,
+                                extra_files=_LateFiles(result), only=plan.__contains__, cost=cost,
+                                after_shards=gather_reports, **extra)  # fmt: skip
+
+
+def _model_thresholds(
+    ckpt: Checkpoint,
+    plan: Mapping[str, str],
+    split: Callable[..., Any],
+    n: int,
+    density: float,
+    group: distributed.Group | None = None,
+    cost: Callable[[str, tuple[int, ...]], float] | None = None,
+) -> list[float]:
+    """First pass of a model-wide TIES trim: one magnitude threshold per expert.
+
+    With several processes each histograms its share of the tensors and the counts are summed
+    (integers in float64: exact, so the thresholds do not depend on the split).
+    """
     hists = torch.zeros(n, _HIST_BINS, dtype=torch.float64)
     counts = [0] * n
-    for name in plan:
-        got = split(name, ckpt.read(name))
-        if got is None:
-            continue
-        dec, idx = got
-        for row, i in zip(dec.parts, idx):
-            a = row.abs().flatten()
-            a = a[a > 0].to(torch.float64)  # histc counts in the input's dtype: float32 is exact only to 2^24
-            counts[i] += row.numel()
-            if a.numel():
-                logs = torch.log10(a).clamp(_LOG_LO, _LOG_HI - 1e-9)
-                hists[i] += torch.histc(logs, bins=_HIST_BINS, min=_LOG_LO, max=_LOG_HI)
+    names = list(plan)
+    if group is not None:
+        shapes = ckpt.shapes()
+        names = [names[k] for k in group.share([(cost or (lambda _n, s: math.prod(s)))(m, tuple(shapes[m])) for m in names])]
+    with contextlib.nullcontext() if group is None else group.checked():  # a failure stops every process
+        for name in names:
+            got = split(name, ckpt.read(name))
+            if got is None:
+                continue
+            dec, idx = got
+            for row, i in zip(dec.parts, idx):
+                a = row.abs().flatten()
+                a = a[a > 0].to(torch.float64)  # histc counts in the input's dtype: float32 is exact only to 2^24
+                counts[i] += row.numel()
+                if a.numel():
+                    logs = torch.log10(a).clamp(_LOG_LO, _LOG_HI - 1e-9)
+                    hists[i] += torch.histc(logs, bins=_HIST_BINS, min=_LOG_LO, max=_LOG_HI)
+    if group is not None:
+        parts = group.gather((hists, counts))
+        hists = sum((h for h, _ in parts[1:]), parts[0][0].clone())
+        counts = [sum(c[i] for _, c in parts) for i in range(n)]
     return _thresholds(hists, counts, density)
 
 

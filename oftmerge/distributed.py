@@ -1,10 +1,11 @@
-"""Scale ``merge`` and ``fold`` out over several processes launched by ``accelerate``.
+"""Scale ``merge``, ``fold`` and ``decouple`` out over several processes launched by ``accelerate``.
 
 Run the usual commands under ``accelerate launch`` and the work is split between
 the processes; the output is the same bytes as a single-process run::
 
     accelerate launch --num_processes 2 -m oftmerge merge A B C D E -o merged
     accelerate launch --num_processes 8 -m oftmerge fold ADAPTER --base BASE -o OUT --shard-size 2GB
+    accelerate launch --num_processes 4 -m oftmerge decouple --base BASE A B C -o OUT --shard-size 500MB --threads 1
 
 * :func:`current` returns a :class:`Group` when the process was started by a
   launcher with ``WORLD_SIZE`` > 1 (``accelerate launch``, ``torchrun``), else
@@ -23,6 +24,9 @@ the processes; the output is the same bytes as a single-process run::
   names, the main process writes the index, config and other files, fsyncs and
   renames the directory into place. The others wait for it, so every process
   returns only once the output exists (or every process raises).
+* Decouple: the same, with shards balanced by the cost of their solves, and the
+  per-tensor reports gathered (``after_shards``) before the main process writes
+  ``oftmerge.json``.
 
 A failure in any process is reported to all of them (:meth:`Group.check`), so
 none is left waiting at a barrier and the temporary directory is removed.
@@ -155,12 +159,18 @@ def write_model(
     untie: tuple[str, str] | None = None,
     config_updates: Mapping[str, Any] | None = None,
     metadata: Mapping[str, str] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+    cost: Callable[[str, tuple[int, ...]], float] | None = None,
+    after_shards: Callable[[], None] | None = None,
 ) -> Path:
     """:func:`oftmerge.formats.shards.write_model`, each process writing its share of the shards; same bytes.
 
-    Shards are balanced by the bytes ``tensor_fn`` must compute (``only``),
-    then by all bytes. With fewer shards than processes some processes idle:
-    choose ``shard_size`` so that there are at least as many shards as processes.
+    Shards are balanced by the work ``tensor_fn`` must do (``cost(name, shape)`` of the tensors
+    ``only`` selects; default: their bytes), then by all bytes. With fewer shards than processes
+    some processes idle: choose ``shard_size`` so that there are at least as many shards as
+    processes. ``after_shards()`` runs on every process once all shards are written and before the
+    main process writes ``extra_files`` (a collective there, e.g. gathering per-tensor reports that
+    go into those files, sees every process). ``progress`` counts this process's tensors.
     """
     from oftmerge.formats import shards as sh
     from oftmerge.formats.checkpoint import Checkpoint
@@ -175,7 +185,8 @@ def write_model(
     plan = sh.plan_model(ckpt, shard_size, untie=untie)
     count = len(plan)
     names = [sh.SINGLE_FILE] if count == 1 else [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
-    costs = [sum(e.nbytes for e in s if wanted(e.name)) * 1e3 + sum(e.nbytes for e in s) for s in plan]
+    work = (lambda e: float(e.nbytes)) if cost is None else (lambda e: float(cost(e.name, tuple(e.shape))))
+    costs = [sum(work(e) for e in s if wanted(e.name)) * 1e3 + sum(e.nbytes for e in s) for s in plan]
     mine = group.share(costs)
     updates = dict(config_updates or {})
     if untie is not None:
@@ -186,7 +197,7 @@ def write_model(
             part = tmp / f".rank-{group.rank}-shard-{k + 1:05d}"
             part.mkdir()
             # one planned shard alone is cut exactly as in the whole layout, so its header and bytes are the same
-            sh._write_tensors(ckpt, part, plan[k], tensor_fn, wanted, untie, shard_size, metadata, None)
+            sh._write_tensors(ckpt, part, plan[k], tensor_fn, wanted, untie, shard_size, metadata, progress)
             os.replace(part / sh.SINGLE_FILE, tmp / names[k])
             part.rmdir()
 
@@ -199,6 +210,8 @@ def write_model(
             raise DistributedError(f"process 0 of {group.size} failed: {error}")
         with group.checked():  # B
             write_mine(Path(tmp_name))
+        if after_shards is not None:
+            after_shards()
         group.check(None)  # C: returns once the output exists
         return out
 
@@ -218,6 +231,8 @@ def write_model(
                 error = exc
             pending = None
             group.check(error)
+            if after_shards is not None:
+                after_shards()
             pending = "C"
             if count > 1:
                 weight_map = {e.name: names[k] for k, s in enumerate(plan) for e in s}

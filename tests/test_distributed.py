@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 from oftmerge import distributed
 from oftmerge.cli import main
@@ -66,3 +69,39 @@ def test_two_processes_write_the_same_bytes_as_one(tmp_path):
     # every process fails cleanly (none waits at a barrier) when the output exists
     proc = _launch(cases["fold"] + ["-o", "fold-2"], tmp_path)
     assert proc.returncode != 0 and "already exists" in proc.stderr
+
+
+def _finetune(base: Path, out: Path, seed: int, scale: float = 0.02) -> Path:
+    """A "full finetune" of the bundled tiny model: every tensor plus seeded noise, saved like save_pretrained."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    g = torch.Generator().manual_seed(seed)
+    tensors = load_file(base / "model.safetensors")
+    noisy = {k: (t.float() + torch.randn(t.shape, generator=g) * scale * float(t.float().std())).to(t.dtype) for k, t in tensors.items()}
+    save_file(noisy, out / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(base / "config.json", out / "config.json")
+    return out
+
+
+def test_two_processes_decouple_to_the_same_bytes(tmp_path):
+    """decouple under accelerate launch: tensors split by shard (balanced by their solves), reports gathered into
+    oftmerge.json, the model-wide TIES trim's histograms summed over processes: every file equal to one process's
+    with the same thread count (LAPACK may round differently on more threads: --threads pins it)."""
+    base = ADAPTERS / "base"
+    experts = [str(_finetune(base, tmp_path / f"full{i}", seed=i)) for i in range(2)]
+    common = ["decouple", "--base", str(base), *experts, "--shard-size", "400KB", "--threads", "1", "-q"]
+    cases = {"ortho": common, "ties-model": [*common, "--orthogonal", "none", "--option", "trim=model"]}
+    for name, args in cases.items():
+        assert main([*args, "-o", str(tmp_path / f"{name}-1")]) == 0
+        proc = _launch([*args, "-o", f"{name}-2"], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        one, two = _files(tmp_path / f"{name}-1"), _files(tmp_path / f"{name}-2")
+        assert list(one) == list(two) and len([f for f in one if f.endswith(".safetensors")]) >= 3, name
+        for f in one:
+            assert one[f] == two[f], f"{name}: {f} differs between 1 and 2 processes"
+    report = json.loads((tmp_path / "ortho-2" / "oftmerge.json").read_text())
+    assert report["totals"]["decoupled"] > 0 and len(report["layers"]) == report["totals"]["tensors"]
+    assert proc.stderr.count("fell back") <= 1  # warnings are said once, by the main process

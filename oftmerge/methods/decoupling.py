@@ -213,18 +213,19 @@ def decompose(
     method alone for this tensor, with the reason in the report.
     """
     experts = tuple(range(ws.shape[0])) if experts is None else experts
-    taus = ws - w0
     if not decouple or settings.orthogonal is None:
-        return _euclidean_only(name, settings, "euclidean", w0, taus, experts)
+        return _euclidean_only(name, settings, "euclidean", w0, ws - w0, experts)
     reference = settings.procrustes == "reference"
-    task_norms = tuple(_norm(t) for t in taus)
     if settings.target == "conflict":
+        taus = ws - w0
+        task_norms = tuple(_norm(t) for t in taus)
         mask = conflict_mask(taus)
         targets = w0 + taus * mask.unsqueeze(-1).to(taus.dtype)
         rows = tuple(int(m.sum()) for m in mask)
-    else:
+        del taus
+    else:  # the task vectors one at a time: no (N, out, in) copy beside the experts' stack
+        task_norms = tuple(_norm(w - w0) for w in ws)
         targets, rows = ws, ()
-    del taus
     n, d = ws.shape[0], w0.shape[1]
     fits, flips, notes = [], 0, []
     rhos = torch.empty_like(ws)
