@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +33,14 @@ from oftmerge.formats.checkpoint import Checkpoint
 from oftmerge.formats.io import sha256_file
 from oftmerge.formats.peft_oft import KEY_PREFIX, RELEASES, ModuleSpec, OftAdapter, read_adapter
 from oftmerge.formats.writer import CURRENT_CONFIG_TEMPLATE, BlockConfig, choose_block_config, write_adapter_dir
-from oftmerge.linalg import RotationMap, pack_skew, regrid_blocks
-from oftmerge.methods import MergeMethod, get_method
+from oftmerge.linalg import RotationMap, pack_skew, regrid_blocks, unpack_skew
+from oftmerge.methods import MergeMethod, get_method, weighted_sum
 
 __all__ = ["MergeResult", "ModuleReport", "merge_adapters", "quiet_merge_log", "resolve_rotation_map"]
 
 log = logging.getLogger(__name__)
+
+_SQRT2 = math.sqrt(2.0)
 
 #: A Neumann-series rotation with ||R^T R - I||_F above this (worst block) gets a warning.
 NEUMANN_ORTHO_WARN = 1e-2
@@ -594,26 +596,41 @@ def merge_adapters(
     group = distributed.current()  # None unless launched with several processes (accelerate launch)
     mine = range(len(plans)) if group is None else group.share([len(p.entries) * (p.features or 1) for p in plans])
     added: dict[str, list[str]] = {}
+    # modules whose inputs all store the generator packed on the output grid go through the merge packed:
+    # a linear method commutes with packing, and ||Q||_F = sqrt(2) ||upper triangle||
+    packed = {
+        p.name for p in plans
+        if layout == "0.18" and not shared and (meth.from_sum is not None or len(p.entries) == 1)
+        and all(read[i].is_packed(p.name) and s.block_size == blocks.sizes[p.name] and not s.shared for i, s in p.entries)
+    }  # fmt: skip
     with (
         torch_threads(threads),
         contextlib.nullcontext() if group is None else group.checked(),
-        _Prefetch(read, [plans[k] for k in mine]) as generators,
+        _Prefetch(read, [plans[k] for k in mine], packed) as generators,
     ):
         for done, p in ((k + 1, plans[k]) for k in mine):
             first_key = len(result.tensors)
             b = blocks.sizes[p.name]
-            qs: torch.Tensor | None = None  # (inputs, blocks, b, b), canonical sign, filled in place
+            is_packed = p.name in packed
+            qs: torch.Tensor | None = None  # (inputs, blocks, b, b) or packed (inputs, blocks, b(b-1)/2), canonical sign
             norms = []
             for k, ((i, spec), loaded) in enumerate(zip(p.entries, generators.next(p))):
-                norms.append(module_norm(loaded, spec, p.features))
-                on_grid = to_grid(loaded, spec, shared, p.features, b)
+                if not is_packed:
+                    norms.append(module_norm(loaded, spec, p.features))
+                    loaded = to_grid(loaded, spec, shared, p.features, b)
                 if qs is None:
-                    qs = torch.empty((len(p.entries), *on_grid.shape), dtype=torch.float64)
-                torch.mul(on_grid, read[i].rotation_map.sign, out=qs[k])
+                    qs = torch.empty((len(p.entries), *loaded.shape), dtype=torch.float64)
+                torch.mul(loaded, read[i].rotation_map.sign, out=qs[k])
             assert qs is not None
             w = torch.tensor([weights[i] for i, _ in p.entries], dtype=torch.float64)
+            if is_packed:
+                row_norms = torch.linalg.vector_norm(qs, dim=-1)  # (inputs, blocks): ||Q_block||_F / sqrt(2)
+                norms = [_SQRT2 * float(n) for n in torch.linalg.vector_norm(row_norms, dim=-1)]
             if len(p.entries) == 1:  # one adapter adapts this module: keep its generator as it is
                 q, stats = (torch.sign(w[0]) if meth.normalized_weights else w[0]) * qs[0], {}
+            elif is_packed:  # the norms' common factor sqrt(2) cancels in every linear method
+                q, stats = meth.from_sum(weighted_sum(qs, w).unsqueeze(1), row_norms, w, **options)  # type: ignore[misc]
+                q = q.squeeze(1)
             else:
                 q, stats = meth(qs, w, **options)
             if scale != 1.0:
@@ -624,7 +641,9 @@ def merge_adapters(
             if stats.get("cancelled"):
                 cancelled.append(p.name)
             stored = q * rmap.sign
-            ortho = _ortho_error(rmap.rotation(stored.float()))  # a check against a 1e-2 threshold: float32 suffices
+            blocks_f32 = unpack_skew(stored.float()) if is_packed else stored.float()
+            ortho = _ortho_error(rmap.rotation(blocks_f32))  # a check against a 1e-2 threshold: float32 suffices
+            del blocks_f32
             if rmap.kind == "neumann" and ortho > NEUMANN_ORTHO_WARN:
                 non_orthogonal.append((p.name, ortho))
             result.modules[p.name] = ModuleReport(
@@ -633,15 +652,15 @@ def merge_adapters(
                 input_block_sizes=tuple(s.block_size for _, s in p.entries),
                 block_size=b,
                 input_norms=tuple(norms),
-                merged_norm=float(torch.linalg.matrix_norm(q).square().sum().sqrt())
-                * (math.sqrt((p.features or b) // b) if shared else 1.0),
+                merged_norm=_SQRT2 * float(torch.linalg.vector_norm(q)) if is_packed
+                else float(torch.linalg.matrix_norm(q).square().sum().sqrt()) * (math.sqrt((p.features or b) // b) if shared else 1.0),
                 stats=stats,
                 ortho_error=ortho,
             )
             prefix = KEY_PREFIX + p.name
             if layout == "0.18":
                 suffix = ".oft_embedding_R.weight" if p.kind == "embedding" else ".oft_R.weight"
-                result.tensors[prefix + suffix] = pack_skew(stored).to(out_dtype)
+                result.tensors[prefix + suffix] = (stored if is_packed else pack_skew(stored)).to(out_dtype)
             else:
                 result.tensors[prefix + ".oft_r"] = stored.to(out_dtype).contiguous()
                 if layout == "0.15":
@@ -694,13 +713,16 @@ class _Prefetch:
     with the merge of the previous module. At most ``_PREFETCH`` modules ahead.
     """
 
-    def __init__(self, read: Sequence[OftAdapter], plans: Sequence[_ModulePlan]):
+    def __init__(self, read: Sequence[OftAdapter], plans: Sequence[_ModulePlan], packed: Collection[str] = ()):
         self._read = read
         self._plans = iter(plans)
+        self._packed = packed
         self._pending: collections.deque[tuple[str, Future[list[torch.Tensor]]]] = collections.deque()
         self._pool = ThreadPoolExecutor(1, "oftmerge-read")
 
     def _load(self, p: _ModulePlan) -> list[torch.Tensor]:
+        if p.name in self._packed:
+            return [self._read[i].packed_generator(p.name) for i, _ in p.entries]
         return [self._read[i].generator(p.name) for i, _ in p.entries]
 
     def _fill(self) -> None:

@@ -241,3 +241,27 @@ def test_saved_base_embedding_copies_are_carried_through(tmp_path, ids):
     save_file(tensors, str(b / "adapter_model.safetensors"))
     with pytest.raises(oftmerge.IncompatibleAdaptersError, match=r"module 'emb': the adapters saved different copies of its base weight"):
         oftmerge.merge_adapters([a, b])
+
+
+@pytest.mark.parametrize("method", ["orthomerge", "mean_q", "karcher"])
+def test_packed_generators_merge_without_unpacking(tmp_path, monkeypatch, method):
+    """PEFT >= 0.16 inputs on one grid merge as stored (upper triangles): same result as through the blocks."""
+    from oftmerge.formats.peft_oft import OftAdapter
+
+    paths = [_make(tmp_path, "neumann5", seed=s, name=f"a{s}")[0] for s in (1, 2, 3)]
+    calls = []
+    real = OftAdapter.packed_generator
+    monkeypatch.setattr(OftAdapter, "packed_generator", lambda self, name: calls.append(name) or real(self, name))
+    fast = oftmerge.merge_adapters(paths, method=method, weights=[1.0, 0.5, -2.0])
+    linear = oftmerge.available_methods()[method].from_sum is not None
+    assert bool(calls) == linear  # karcher needs the blocks
+    monkeypatch.setattr(OftAdapter, "is_packed", lambda self, name: False)
+    slow = oftmerge.merge_adapters(paths, method=method, weights=[1.0, 0.5, -2.0])
+    assert fast.tensors.keys() == slow.tensors.keys()
+    for k in fast.tensors:
+        assert torch.allclose(fast.tensors[k], slow.tensors[k], rtol=1e-6, atol=1e-9), k
+    for name, r in fast.modules.items():
+        s = slow.modules[name]
+        assert r.input_norms == pytest.approx(s.input_norms, rel=1e-12) and r.merged_norm == pytest.approx(s.merged_norm, rel=1e-12)
+        assert r.ortho_error == pytest.approx(s.ortho_error, rel=1e-3, abs=1e-7)
+        assert r.stats == pytest.approx(s.stats)

@@ -125,6 +125,31 @@ class OftAdapter:
     def side(self) -> str:
         return "output" if self.release == "0.13" else "input"
 
+    def _raw(self, name: str) -> torch.Tensor:
+        spec = self.modules[name]
+        raw = self._file.get(spec.key).to(torch.float64)
+        if not bool(torch.isfinite(raw).all()):
+            raise NumericalError(
+                f"{self.weights_path}: module {name!r} ({spec.key}) contains NaN or Inf values; "
+                "the adapter is broken (re-train or re-export it)"
+            )
+        return raw
+
+    def is_packed(self, name: str) -> bool:
+        """Whether module ``name``'s stored tensor is already its effective generator, packed.
+
+        PEFT >= 0.16 stores each block's strict upper triangle ``(rows, b(b-1)/2)``; without COFT
+        that vector *is* the generator (:func:`oftmerge.linalg.unpack_skew` makes the blocks).
+        """
+        spec = self.modules[name]
+        return spec.side == "input" and self.release in ("0.16", "0.18") and spec.coft_radius is None
+
+    def packed_generator(self, name: str) -> torch.Tensor:
+        """The stored upper triangles ``(rows, b(b-1)/2)`` of a packed module (:meth:`is_packed`), float64."""
+        if not self.is_packed(name):
+            raise ValueError(f"module {name!r} of {self.path} is not stored as a packed generator")
+        return self._raw(name)
+
     def generator(self, name: str) -> torch.Tensor:
         """The effective skew generator blocks ``(rows, b, b)`` of module ``name``, float64.
 
@@ -133,12 +158,7 @@ class OftAdapter:
         sign of the ideal rotation).
         """
         spec = self.modules[name]
-        raw = self._file.get(spec.key).to(torch.float64)
-        if not bool(torch.isfinite(raw).all()):
-            raise NumericalError(
-                f"{self.weights_path}: module {name!r} ({spec.key}) contains NaN or Inf values; "
-                "the adapter is broken (re-train or re-export it)"
-            )
+        raw = self._raw(name)
         if spec.side == "input" and self.release in ("0.16", "0.18"):
             q = unpack_skew(raw)
             if spec.coft_radius is not None:
