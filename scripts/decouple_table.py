@@ -148,12 +148,15 @@ def _child(args) -> None:
 
 
 def bound_mb(out: int, inp: int, n: int) -> float:
-    """The float64 working set of one decoupled (out, in) tensor with n experts, in MB (docs/decoupling.md)."""
-    if 2 * out < inp:  # row space: k = 2 out; dense in x in generators, their weighted copy, the merged LU
+    """The float64 working set of one decoupled (out, in) tensor with n experts, in MB (docs/decoupling.md).
+
+    For a linear so(d) method (orthomerge, mean_q: the generators are summed as they are made).
+    """
+    if 2 * out < inp:  # row space: k = 2 out; one in x in sum, the merged generator, I + Q_m and its LU
         k = 2 * out
-        words = (2 * n + 6) * inp**2 + (n + 3) * inp * k + (n + 14) * k**2 + (5 * n + 4) * out * inp
+        words = 4 * inp**2 + (n + 3) * inp * k + (n + 14) * k**2 + (n + 1) * out * k + (5 * n + 4) * out * inp
     else:
-        words = (3 * n + 14) * inp**2 + (5 * n + 4) * out * inp
+        words = (n + 12) * inp**2 + (5 * n + 4) * out * inp
     return 8 * words / 2**20
 
 
@@ -165,8 +168,8 @@ def memory(args) -> str:
     lines = [f"TIES + OrthoMerge-C, N = {n} full experts, synthetic float32 models with `layers` tensors of shape "
              "(out, in). Each run is a fresh process; after a warm-up merge of a tiny model (imports, BLAS buffers) "
              "the kernel's high-water mark is reset, and the peak RSS of the run is given above the RSS before it. The bound "
-             "is the working set stated above (`bound_mb`: 8 B x [(3N + 14) in^2 + (5N + 4) out in], or for wide layers "
-             "8 B x [(2N + 6) in^2 + (N + 3) in k + (N + 14) k^2 + (5N + 4) out in] with k = 2 out). glibc's default malloc raises its mmap threshold as large blocks are freed, after which "
+             "is the working set stated above (`bound_mb`: 8 B x [(N + 12) in^2 + (5N + 4) out in], or for wide layers "
+             "8 B x [4 in^2 + (N + 3) in k + (N + 14) k^2 + (N + 1) out k + (5N + 4) out in] with k = 2 out). glibc's default malloc raises its mmap threshold as large blocks are freed, after which "
              "freed tensors fragment the heap and the peak creeps up by about a block per layer; with "
              "`MALLOC_MMAP_THRESHOLD_=65536` (fixed threshold) the peak is flat in the number of layers:", "",
              "| layers | out x in | model (MB, float32) | all inputs (MB) | bound (MB) | peak, default malloc (MB) | "

@@ -147,10 +147,15 @@ def apply_cayley(w0: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, float
     rhs = torch.addmm(w0, w0, q, alpha=-1.0)  # W0 (I - Q)
     base_part = torch.linalg.lu_solve(lu, piv, rhs.transpose(0, 1), adjoint=True).transpose(0, 1)
     del rhs
-    if d <= ORTHO_EXACT_MAX:
-        eye = torch.eye(d, dtype=q.dtype, device=q.device)
-        r = torch.linalg.lu_solve(lu, piv, (eye - q).transpose(0, 1), adjoint=True).transpose(0, 1)
-        return base_part, _norm(r.transpose(0, 1) @ r - eye)
+    if d <= ORTHO_EXACT_MAX:  # at most four d x d matrices at once: Q, the LU, R, R^T R
+        minus = plus.neg_()  # I - Q, as eye - q rounds it (a factored Q's diagonal is only nearly zero)
+        minus.diagonal().copy_(q.diagonal().neg().add_(1.0))
+        r = torch.linalg.lu_solve(lu, piv, minus.transpose(0, 1), adjoint=True).transpose(0, 1)
+        del minus, plus, lu
+        gram = r.transpose(0, 1) @ r
+        del r
+        gram.diagonal().sub_(1.0)
+        return base_part, _norm(gram)
     g = torch.randn(d, ORTHO_PROBES, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(q.dtype)
     y = torch.linalg.lu_solve(lu, piv, g)  # (I + Q)^-1 g
     y = torch.addmm(y, q, y, alpha=-1.0)  # R g = (I - Q)(I + Q)^-1 g
