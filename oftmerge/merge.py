@@ -224,19 +224,29 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def _input_hashes(read: Sequence[OftAdapter], need_content: bool) -> tuple[list[str], list[str | None]]:
-    """SHA-256 of each input's weights file (or tensors) and, if needed, its content hash; inputs in parallel.
+def _input_hashes(read: Sequence[OftAdapter], need_content: bool) -> tuple[Callable[[], list[str]], list[str | None]]:
+    """Content hashes of the inputs (if needed: the canonical order), and a call for their files' SHA-256.
 
-    hashlib releases the GIL, so the inputs are hashed by up to 4 threads at once.
+    The content hashes are computed now, by up to 4 threads (hashlib releases the GIL); the
+    files' SHA-256 (provenance, not needed before the output is written) go on in those threads
+    while the caller merges, and the returned call waits for them. An input that is not a file
+    is described by its content hash.
     """
 
-    def one(a: OftAdapter) -> tuple[str, str | None]:
-        content = a.content_hash() if need_content or not a.weights_path.is_file() else None
-        return (sha256_file(a.weights_path) if a.weights_path.is_file() else content), content  # type: ignore[return-value]
+    def content(a: OftAdapter) -> str | None:
+        return a.content_hash() if need_content or not a.weights_path.is_file() else None
 
-    with ThreadPoolExecutor(min(4, len(read)), "oftmerge-hash") as pool:
-        pairs = list(pool.map(one, read))
-    return [h for h, _ in pairs], [c for _, c in pairs]
+    pool = ThreadPoolExecutor(min(4, len(read)), "oftmerge-hash")
+    try:
+        keys = list(pool.map(content, read))
+        files = [pool.submit(sha256_file, a.weights_path) if a.weights_path.is_file() else None for a in read]
+    finally:
+        pool.shutdown(wait=False)
+
+    def file_hashes() -> list[str]:
+        return [f.result() if f is not None else k for f, k in zip(files, keys)]  # type: ignore[misc]
+
+    return file_hashes, keys
 
 
 def resolve_rotation_map(maps: Sequence[RotationMap], choice: str, layout: str) -> tuple[RotationMap, list[str]]:
@@ -540,14 +550,14 @@ def merge_adapters(
     meth: MergeMethod = get_method(method)
     options = meth.resolve_options(dict(method_options or {}))
 
-    hashes, keys = _input_hashes(read, need_content=not meth.order_matters)
+    file_hashes, keys = _input_hashes(read, need_content=not meth.order_matters)
     order = list(range(len(read)))
     if not meth.order_matters:  # a canonical order makes float sums independent of the order given
         # keys: content hashes, of the tensors, not the file: .bin, safetensors, memory agree
         order.sort(key=lambda i: (keys[i], weights[i], str(read[i].path)))
     read = [read[i] for i in order]
     weights = [weights[i] for i in order]
-    hashes = [hashes[i] for i in order]
+    in_order = order[:]
 
     names = {a.base_model for a in read} - {None}
     if len(names) > 1 and not allow_base_mismatch:
@@ -564,15 +574,19 @@ def merge_adapters(
     plans = _plan_modules(read)
     blocks, shared = _block_config(read, plans, layout)
     config = _output_config(read, plans, layout, rmap, blocks, shared, warnings)
-    inputs = [
-        InputInfo(str(a.path), h, a.release, a.release_source, a.rotation_map.describe(), len(a.modules), w)
-        for a, h, w in zip(read, hashes, weights)
-    ]
+
+    def inputs() -> list[InputInfo]:  # waits for the files' SHA-256, hashed while the modules are merged
+        hashes = file_hashes()
+        return [
+            InputInfo(str(a.path), hashes[k], a.release, a.release_source, a.rotation_map.describe(), len(a.modules), w)
+            for a, k, w in zip(read, in_order, weights)
+        ]
+
     result = MergeResult(
         method=meth.name,
         options=options,
         scale=float(scale),
-        inputs=inputs,
+        inputs=[],
         layout=layout,
         rotation_map=rmap,
         block_config=blocks,
@@ -589,6 +603,7 @@ def merge_adapters(
             rows = 1 if shared else (p.features or b) // b
             n = b * (b - 1) // 2 if layout == "0.18" else b * b
             result.tensors[p.name] = torch.empty((rows, n), dtype=out_dtype, device="meta")
+        result.inputs = inputs()
         return result
 
     cancelled: list[str] = []
@@ -679,6 +694,7 @@ def merge_adapters(
                 added[p.name] = list(result.tensors)[first_key:]
             if progress is not None:
                 progress(done, len(plans), p.name)
+    result.inputs = inputs()
     if group is not None:
         _gather_modules(group, plans, result, added, cancelled, non_orthogonal)
     if cancelled:

@@ -48,8 +48,10 @@ def test_adapter_card_loads_back_with_its_provenance(tmp_path):
     assert "| 0 |" in card.text and "PeftModel.from_pretrained" in card.text
     assert card.data.base_model is None  # the tiny test model has no Hub id
     result.config["base_model_name_or_path"] = "my-org/base-model"
-    card = huggingface_hub.ModelCard(adapter_card(result))
+    text = adapter_card(result)
+    card = huggingface_hub.ModelCard(text)
     assert card.data.base_model == "my-org/base-model" and card.data.base_model_relation == "adapter"
+    assert str(card) == text  # written without ModelCard, the text ModelCard itself would write
 
 
 def test_folded_model_card_loads_back_with_its_provenance(folded):

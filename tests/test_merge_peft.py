@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,3 +266,17 @@ def test_packed_generators_merge_without_unpacking(tmp_path, monkeypatch, method
         assert r.input_norms == pytest.approx(s.input_norms, rel=1e-12) and r.merged_norm == pytest.approx(s.merged_norm, rel=1e-12)
         assert r.ortho_error == pytest.approx(s.ortho_error, rel=1e-3, abs=1e-7)
         assert r.stats == pytest.approx(s.stats)
+
+
+def test_each_input_is_recorded_with_its_own_file_hash(tmp_path):
+    """The files are hashed while the modules merge; each hash must still land on its own input after reordering."""
+    import hashlib
+
+    paths = [_make(tmp_path, "exact", seed=s, name=f"h{s}")[0] for s in (5, 6, 7)]
+    for given in (paths, paths[::-1]):
+        result = oftmerge.merge_adapters(given, weights=[1.0, 2.0, 3.0])
+        for info in result.inputs:
+            assert info.sha256 == hashlib.sha256((Path(info.path) / "adapter_model.safetensors").read_bytes()).hexdigest()
+        assert {i.path: i.weight for i in result.inputs} == {str(p): float(j + 1) for j, p in enumerate(given)}
+    dry = oftmerge.merge_adapters(paths, dry_run=True)
+    assert [i.sha256 for i in dry.inputs] == [i.sha256 for i in oftmerge.merge_adapters(paths).inputs]
