@@ -34,7 +34,7 @@ from oftmerge.formats.io import sha256_file
 from oftmerge.formats.peft_oft import KEY_PREFIX, RELEASES, ModuleSpec, OftAdapter, read_adapter
 from oftmerge.formats.writer import CURRENT_CONFIG_TEMPLATE, BlockConfig, choose_block_config, write_adapter_dir
 from oftmerge.linalg import RotationMap, pack_skew, regrid_blocks, unpack_skew
-from oftmerge.methods import MergeMethod, get_method, weighted_sum
+from oftmerge.methods import MergeMethod, get_method
 
 __all__ = ["MergeResult", "ModuleReport", "merge_adapters", "quiet_merge_log", "resolve_rotation_map"]
 
@@ -618,36 +618,35 @@ def merge_adapters(
         if layout == "0.18" and not shared and (meth.from_sum is not None or len(p.entries) == 1)
         and all(read[i].is_packed(p.name) and s.block_size == blocks.sizes[p.name] and not s.shared for i, s in p.entries)
     }  # fmt: skip
+    reports: dict[str, dict[str, Any]] = {}
     with (
         torch_threads(threads),
         contextlib.nullcontext() if group is None else group.checked(),
         _Prefetch(read, [plans[k] for k in mine], packed) as generators,
+        _Checks() as checks,
     ):
         for done, p in ((k + 1, plans[k]) for k in mine):
             first_key = len(result.tensors)
             b = blocks.sizes[p.name]
             is_packed = p.name in packed
-            qs: torch.Tensor | None = None  # (inputs, blocks, b, b) or packed (inputs, blocks, b(b-1)/2), canonical sign
-            norms = []
-            for k, ((i, spec), loaded) in enumerate(zip(p.entries, generators.next(p))):
-                if not is_packed:
-                    norms.append(module_norm(loaded, spec, p.features))
-                    loaded = to_grid(loaded, spec, shared, p.features, b)
-                if qs is None:
-                    qs = torch.empty((len(p.entries), *loaded.shape), dtype=torch.float64)
-                torch.mul(loaded, read[i].rotation_map.sign, out=qs[k])
-            assert qs is not None
             w = torch.tensor([weights[i] for i, _ in p.entries], dtype=torch.float64)
             if is_packed:
-                row_norms = torch.linalg.vector_norm(qs, dim=-1)  # (inputs, blocks): ||Q_block||_F / sqrt(2)
-                norms = [_SQRT2 * float(n) for n in torch.linalg.vector_norm(row_norms, dim=-1)]
-            if len(p.entries) == 1:  # one adapter adapts this module: keep its generator as it is
-                q, stats = (torch.sign(w[0]) if meth.normalized_weights else w[0]) * qs[0], {}
-            elif is_packed:  # the norms' common factor sqrt(2) cancels in every linear method
-                q, stats = meth.from_sum(weighted_sum(qs, w).unsqueeze(1), row_norms, w, **options)  # type: ignore[misc]
-                q = q.squeeze(1)
+                signs = [read[i].rotation_map.sign for i, _ in p.entries]
+                q, stats, norms = _merge_packed(generators.next(p), signs, w, meth, options)
             else:
-                q, stats = meth(qs, w, **options)
+                qs: torch.Tensor | None = None  # (inputs, blocks, b, b), canonical sign
+                norms = []
+                for k, ((i, spec), loaded) in enumerate(zip(p.entries, generators.next(p))):
+                    norms.append(module_norm(loaded, spec, p.features))
+                    loaded = to_grid(loaded, spec, shared, p.features, b)
+                    if qs is None:
+                        qs = torch.empty((len(p.entries), *loaded.shape), dtype=torch.float64)
+                    torch.mul(loaded, read[i].rotation_map.sign, out=qs[k])
+                assert qs is not None
+                if len(p.entries) == 1:  # one adapter adapts this module: keep its generator as it is
+                    q, stats = (torch.sign(w[0]) if meth.normalized_weights else w[0]) * qs[0], {}
+                else:
+                    q, stats = meth(qs, w, **options)
             if scale != 1.0:
                 q = q * scale
             where = f"module {p.name!r}"
@@ -656,12 +655,9 @@ def merge_adapters(
             if stats.get("cancelled"):
                 cancelled.append(p.name)
             stored = q * rmap.sign
-            blocks_f32 = unpack_skew(stored.float()) if is_packed else stored.float()
-            ortho = _ortho_error(rmap.rotation(blocks_f32))  # a check against a 1e-2 threshold: float32 suffices
-            del blocks_f32
-            if rmap.kind == "neumann" and ortho > NEUMANN_ORTHO_WARN:
-                non_orthogonal.append((p.name, ortho))
-            result.modules[p.name] = ModuleReport(
+            # the rotation PEFT will apply, checked in the checker thread while the next module merges
+            checks.submit(p.name, rmap, stored, is_packed)
+            reports[p.name] = dict(
                 name=p.name,
                 inputs=tuple(i for i, _ in p.entries),
                 input_block_sizes=tuple(s.block_size for _, s in p.entries),
@@ -670,7 +666,6 @@ def merge_adapters(
                 merged_norm=_SQRT2 * float(torch.linalg.vector_norm(q)) if is_packed
                 else float(torch.linalg.matrix_norm(q).square().sum().sqrt()) * (math.sqrt((p.features or b) // b) if shared else 1.0),
                 stats=stats,
-                ortho_error=ortho,
             )
             prefix = KEY_PREFIX + p.name
             if layout == "0.18":
@@ -694,6 +689,10 @@ def merge_adapters(
                 added[p.name] = list(result.tensors)[first_key:]
             if progress is not None:
                 progress(done, len(plans), p.name)
+        for name, ortho in checks.results():
+            result.modules[name] = ModuleReport(**reports[name], ortho_error=ortho)
+            if rmap.kind == "neumann" and ortho > NEUMANN_ORTHO_WARN:
+                non_orthogonal.append((name, ortho))
     result.inputs = inputs()
     if group is not None:
         _gather_modules(group, plans, result, added, cancelled, non_orthogonal)
@@ -719,6 +718,28 @@ def merge_adapters(
     elif out_dir is not None:
         result.save(out_dir, overwrite=overwrite)
     return result
+
+
+def _merge_packed(
+    stored: Sequence[torch.Tensor], signs: Sequence[int], w: torch.Tensor, meth: MergeMethod, options: Mapping[str, Any]
+) -> tuple[torch.Tensor, dict[str, Any], list[float]]:
+    """A linear method on packed generators ``(blocks, b(b-1)/2)`` as stored: ``(merged, stats, ||Q_i||_F)``.
+
+    The weighted sum is accumulated in float64 straight from the stored (float32) vectors, the
+    canonical sign folded into each weight; block norms are taken in float64 too. The norms are
+    of the triangles, ``||Q||_F / sqrt(2)``: a common factor every linear method cancels.
+    """
+    row_norms = torch.stack([torch.linalg.vector_norm(v, dim=-1, dtype=torch.float64) for v in stored])  # (inputs, blocks)
+    norms = [_SQRT2 * float(n) for n in torch.linalg.vector_norm(row_norms, dim=-1)]
+    if len(stored) == 1:  # one adapter adapts this module: keep its generator as it is
+        factor = float(torch.sign(w[0])) if meth.normalized_weights else float(w[0])
+        return stored[0].to(torch.float64) * (factor * signs[0]), {}, norms
+    s = stored[0].to(torch.float64).mul_(float(w[0]) * signs[0])
+    for v, wi, sign in zip(stored[1:], w[1:].tolist(), signs[1:]):
+        s.add_(v, alpha=wi * sign)  # float64 += float32 * alpha, upcast elementwise: no float64 copy of v
+    assert meth.from_sum is not None
+    q, stats = meth.from_sum(s.unsqueeze(1), row_norms, w, **options)
+    return q.squeeze(1), stats, norms
 
 
 class _Prefetch:
@@ -764,6 +785,38 @@ class _Prefetch:
 
 #: modules whose generators are decoded ahead of the one being merged
 _PREFETCH = 2
+
+
+class _Checks:
+    """``||R^T R - I||_F`` (worst block, float32) of each merged module's rotation, in a thread of its own.
+
+    PEFT's Cayley–Neumann series (or the exact map) on the merged blocks is a few batched
+    products per module, as much arithmetic as the merge itself; torch releases the GIL, so
+    it overlaps with the next module. Results come back in submission order.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, "oftmerge-check")
+        self._pending: list[tuple[str, Future[float]]] = []
+
+    @staticmethod
+    def _check(rmap: RotationMap, stored: torch.Tensor, is_packed: bool) -> float:
+        blocks_f32 = unpack_skew(stored.float()) if is_packed else stored.float()
+        return _ortho_error(rmap.rotation(blocks_f32))  # a check against a 1e-2 threshold: float32 suffices
+
+    def submit(self, name: str, rmap: RotationMap, stored: torch.Tensor, is_packed: bool) -> None:
+        self._pending.append((name, self._pool.submit(self._check, rmap, stored, is_packed)))
+
+    def results(self) -> list[tuple[str, float]]:
+        return [(name, future.result()) for name, future in self._pending]
+
+    def __enter__(self) -> _Checks:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for _, future in self._pending:
+            future.cancel()
+        self._pool.shutdown(wait=True)
 
 
 def _gather_modules(

@@ -125,9 +125,10 @@ class OftAdapter:
     def side(self) -> str:
         return "output" if self.release == "0.13" else "input"
 
-    def _raw(self, name: str) -> torch.Tensor:
+    def _raw(self, name: str, dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
         spec = self.modules[name]
-        raw = self._file.get(spec.key).to(torch.float64)
+        raw = self._file.get(spec.key)
+        raw = raw if dtype is None else raw.to(dtype)
         if not bool(torch.isfinite(raw).all()):
             raise NumericalError(
                 f"{self.weights_path}: module {name!r} ({spec.key}) contains NaN or Inf values; "
@@ -145,10 +146,13 @@ class OftAdapter:
         return spec.side == "input" and self.release in ("0.16", "0.18") and spec.coft_radius is None
 
     def packed_generator(self, name: str) -> torch.Tensor:
-        """The stored upper triangles ``(rows, b(b-1)/2)`` of a packed module (:meth:`is_packed`), float64."""
+        """The stored upper triangles ``(rows, b(b-1)/2)`` of a packed module (:meth:`is_packed`), checked finite.
+
+        In the stored dtype: the caller converts it once, into its own buffer.
+        """
         if not self.is_packed(name):
             raise ValueError(f"module {name!r} of {self.path} is not stored as a packed generator")
-        return self._raw(name)
+        return self._raw(name, dtype=None)
 
     def generator(self, name: str) -> torch.Tensor:
         """The effective skew generator blocks ``(rows, b, b)`` of module ``name``, float64.
