@@ -266,7 +266,9 @@ def _plan(
             f"{untied[1]} separately (tie_word_embeddings=false), so that it computes what the adapted model "
             "computes (PEFT's in-place merge_and_unload would rotate both tied matrices)"
         )
-        log.warning(warnings[-1])
+        group = distributed.current()
+        if group is None or group.is_main:  # one process of a distributed run says it
+            log.warning(warnings[-1])
     for name, key in modules.items():
         if key not in ckpt and (untied is None or key != untied[1]):
             raise IncompatibleAdaptersError(

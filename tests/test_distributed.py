@@ -63,6 +63,8 @@ def test_two_processes_write_the_same_bytes_as_one(tmp_path):
         assert list(one) == list(two), name
         for f in one:
             assert one[f] == two[f], f"{name}: {f} differs between 1 and 2 processes"
+        if name == "merge":  # the bundled adapters mix rotation maps: a warning, said by the main process only
+            assert proc.stderr.count("inputs use different rotation maps") == 1, proc.stderr[-2000:]
     assert len([f for f in _files(tmp_path / "fold-2") if f.endswith(".safetensors")]) == 14
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary leftovers
 

@@ -1,0 +1,275 @@
+"""Planning a merge of OFT adapters: the modules, their common block grid, the output's layout and config.
+
+Pure decisions from what was read (no generator is loaded): :func:`plan_modules` takes the union
+of modules and checks widths and block sizes, :func:`output_layout` picks the PEFT layout the
+output can be written in, :func:`block_config` the grid PEFT's single config can express,
+:func:`output_config` the output's ``adapter_config.json``, :func:`resolve_rotation_map` the map
+the output is written for. :func:`to_grid` and :func:`module_norm` bring one input's stored blocks
+to the plan's grid and measure them. :mod:`oftmerge.merge` runs the plan.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from oftmerge.errors import IncompatibleAdaptersError, OftMergeError
+from oftmerge.formats.peft_oft import RELEASES, ModuleSpec, OftAdapter
+from oftmerge.formats.writer import CURRENT_CONFIG_TEMPLATE, BlockConfig, choose_block_config
+from oftmerge.linalg import RotationMap, regrid_blocks
+
+__all__ = [
+    "ModulePlan",
+    "block_config",
+    "merged_scale",
+    "module_norm",
+    "output_config",
+    "output_layout",
+    "peft_version",
+    "plan_modules",
+    "resolve_rotation_map",
+    "to_grid",
+]
+
+
+def peft_version() -> str | None:
+    """The installed PEFT's ``__version__``, without importing PEFT (which imports transformers) when not yet loaded."""
+    module = sys.modules.get("peft")
+    if module is not None:
+        return module.__version__
+    try:
+        return importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - peft is optional for the core
+        return None
+
+
+def resolve_rotation_map(maps: Sequence[RotationMap], choice: str, layout: str) -> tuple[RotationMap, list[str]]:
+    """The map the output is written for: ``choice`` is ``auto``, ``exact``, ``neumann`` or ``neumann:N``."""
+    notes: list[str] = []
+    if layout in ("0.13", "0.15"):
+        if choice not in ("auto", "exact"):
+            raise OftMergeError(f"PEFT {RELEASES[layout]} adapters only know the exact Cayley map; got cayley={choice!r}")
+        return RotationMap("exact"), notes
+    unique = list(dict.fromkeys(maps))
+    if choice == "exact":
+        return RotationMap("exact"), notes
+    if choice.startswith("neumann"):
+        _, _, n = choice.partition(":")
+        if n:
+            try:
+                terms = int(n)
+            except ValueError:
+                raise OftMergeError(f"cayley={choice!r}: expected neumann:N with an integer N") from None
+        else:
+            terms_in = {m.terms for m in unique if m.kind == "neumann"}
+            terms = terms_in.pop() if len(terms_in) == 1 else 5
+        return RotationMap("neumann", terms, "0.18"), notes
+    if choice != "auto":
+        raise OftMergeError(f"cayley must be 'auto', 'exact', 'neumann' or 'neumann:N', got {choice!r}")
+    if len(unique) > 1:
+        notes.append(
+            "inputs use different rotation maps (" + "; ".join(m.describe() for m in unique) + "): the output uses the "
+            "exact Cayley map, the only one that is a true rotation; pass cayley='neumann' to keep the series"
+        )
+        return RotationMap("exact"), notes
+    m = unique[0]
+    if m.kind == "neumann" and m.variant == "0.16":
+        notes.append(
+            f"inputs use PEFT 0.16-0.17's Cayley-Neumann series; PEFT >= 0.18 reads every OFT adapter with its own, "
+            f"slightly different series, so the output is written for that one ({m.terms} terms); fold into the base "
+            "model instead to keep the inputs' exact behaviour"
+        )
+        return RotationMap("neumann", m.terms, "0.18"), notes
+    return m, notes
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    name: str
+    kind: str
+    entries: tuple[tuple[int, ModuleSpec], ...]
+    features: int | None
+    grid: int
+
+
+def _lcm(values: Sequence[int]) -> int:
+    out = 1
+    for v in values:
+        out = out * v // math.gcd(out, v)
+    return out
+
+
+def plan_modules(adapters: Sequence[OftAdapter]) -> list[ModulePlan]:
+    names = sorted(set().union(*(a.modules for a in adapters)))
+    plans = []
+    for name in names:
+        entries = tuple((i, a.modules[name]) for i, a in enumerate(adapters) if name in a.modules)
+        kinds = {s.kind for _, s in entries}
+        if len(kinds) > 1:
+            raise IncompatibleAdaptersError(f"module {name!r} is an embedding in one adapter and a linear layer in another")
+        widths = {s.features for _, s in entries if s.features is not None}
+        if len(widths) > 1:
+            detail = ", ".join(f"{adapters[i].path} has width {s.features}" for i, s in entries)
+            raise IncompatibleAdaptersError(
+                f"module {name!r}: the adapters disagree on the layer's width ({detail}); they were trained on "
+                "different base models and cannot be merged"
+            )
+        features = widths.pop() if widths else None
+        grid = _lcm([s.block_size for _, s in entries])
+        if features is not None and features % grid:
+            sizes = ", ".join(f"{adapters[i].path}: {s.block_size}" for i, s in entries)
+            raise IncompatibleAdaptersError(
+                f"module {name!r} (width {features}): block sizes {sizes} have no common grid "
+                f"(their least common multiple {grid} does not divide {features}). Merge adapters with "
+                "compatible block sizes (one a multiple of the other, dividing the width)."
+            )
+        plans.append(ModulePlan(name, kinds.pop(), entries, features, grid))
+    return plans
+
+
+def output_layout(adapters: Sequence[OftAdapter]) -> str:
+    sides = {a.side for a in adapters}
+    if len(sides) > 1:
+        old = [str(a.path) for a in adapters if a.side == "output"]
+        raise IncompatibleAdaptersError(
+            f"{', '.join(old)}: PEFT 0.7-0.13 adapters rotate the output side of each layer, newer ones the input "
+            "side; the two cannot be merged into one adapter. Fold each into the base model instead."
+        )
+    if sides == {"output"}:
+        return "0.13"
+    if any(a.release == "0.15" and a.has_nontrivial_scale() for a in adapters):
+        return "0.15"
+    return "0.18"
+
+
+def block_config(
+    adapters: Sequence[OftAdapter], plans: Sequence[ModulePlan], layout: str
+) -> tuple[BlockConfig, bool]:
+    shared = all(bool(a.config.get("block_share", False)) for a in adapters)
+    configs = {(int(a.config.get("r", 0) or 0), int(a.config.get("oft_block_size", 0) or 0)) for a in adapters}
+    if layout == "0.13":
+        for p in plans:
+            if len({(s.block_size, s.rows) for _, s in p.entries}) > 1:
+                raise IncompatibleAdaptersError(
+                    f"module {p.name!r}: PEFT 0.7-0.13 adapters with different block layouts cannot be merged "
+                    "into one adapter of that release; fold them into the base model instead"
+                )
+        r = configs.pop()[0] if len(configs) == 1 else 0
+        return BlockConfig(r=r, oft_block_size=0, sizes={p.name: p.grid for p in plans}), shared
+    unknown = [p for p in plans if p.features is None]
+    prefer = next(iter(configs)) if len(configs) == 1 else None
+    if unknown:
+        same_blocks = all(len({s.block_size for _, s in p.entries}) == 1 for p in plans)
+        if prefer is not None and same_blocks and shared:
+            return BlockConfig(prefer[0], prefer[1], {p.name: p.grid for p in plans}), shared
+        raise IncompatibleAdaptersError(
+            f"module {unknown[0].name!r}: block_share adapters do not store the layer width, and these adapters "
+            "need a common block grid; pass the base model (base=... / --base DIR) so oftmerge can read the widths"
+        )
+    grids = {p.name: (p.features, p.grid) for p in plans}
+    return choose_block_config(grids, prefer=prefer), shared  # type: ignore[arg-type]
+
+
+def output_config(
+    adapters: Sequence[OftAdapter],
+    plans: Sequence[ModulePlan],
+    layout: str,
+    rmap: RotationMap,
+    blocks: BlockConfig,
+    shared: bool,
+    warnings: list[str],
+) -> dict[str, Any]:
+    def common(key: str) -> Any:
+        values = [a.config.get(key) for a in adapters]
+        first = values[0]
+        return first if all(v == first for v in values) else None
+
+    task_types = {a.config.get("task_type") for a in adapters}
+    if len(task_types) > 1:
+        warnings.append(f"inputs have different task_type values {sorted(map(str, task_types))}: the output has none")
+    same_targets = all(set(a.modules) == set(adapters[0].modules) for a in adapters) and all(
+        common(k) is not None or all(a.config.get(k) is None for a in adapters)
+        for k in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
+    )
+    if layout == "0.18":
+        config = dict(CURRENT_CONFIG_TEMPLATE)
+        installed = peft_version()
+        if installed is not None:
+            from packaging.version import Version
+
+            if Version(installed.partition("@")[0]) >= Version("0.18.0"):
+                config["peft_version"] = installed
+        config["use_cayley_neumann"] = rmap.kind == "neumann"
+        config["num_cayley_neumann_terms"] = rmap.terms if rmap.kind == "neumann" else 5
+    else:
+        config = dict(adapters[0].config)
+    config.update(
+        {
+            "peft_type": "OFT",
+            "base_model_name_or_path": adapters[0].base_model,
+            "task_type": task_types.pop() if len(task_types) == 1 else None,
+            "revision": common("revision"),
+            "auto_mapping": common("auto_mapping"),
+            "block_share": shared,
+            "coft": False,  # COFT's projection is applied on reading; the merged generator is stored as is
+            "module_dropout": 0.0,
+            "inference_mode": True,
+            "bias": "none",
+            "modules_to_save": None,
+            "fan_in_fan_out": False,
+        }
+    )
+    if layout != "0.13":
+        config["r"] = blocks.r
+        config["oft_block_size"] = blocks.oft_block_size
+    if same_targets:
+        for k in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"):
+            value = adapters[0].config.get(k)
+            config[k] = sorted(value) if isinstance(value, (list, set, tuple)) else value
+    else:
+        config["target_modules"] = sorted(p.name for p in plans)
+        config.update(exclude_modules=None, layers_to_transform=None, layers_pattern=None)
+    return config
+
+
+def to_grid(q: torch.Tensor, spec: ModuleSpec, shared_out: bool, features: int | None, block: int) -> torch.Tensor:
+    """Bring stored blocks ``(rows, b, b)`` to the output grid ``block`` (shared or all blocks)."""
+    if spec.shared and not shared_out:
+        assert features is not None
+        q = q.expand(features // spec.block_size, -1, -1)
+    elif spec.shared and shared_out:
+        q = q.expand(block // spec.block_size, -1, -1)
+    return regrid_blocks(q.contiguous(), block)
+
+
+def module_norm(q: torch.Tensor, spec: ModuleSpec, features: int | None = None) -> float:
+    """``||Q||_F`` of the whole module: a shared block counts once per block it stands for.
+
+    ``features`` (the layer width) is needed for shared blocks when the adapter does not know it;
+    without it the norm of the stored block is returned.
+    """
+    norm = float(torch.linalg.matrix_norm(q).square().sum().sqrt())
+    width = spec.features or features
+    return norm * math.sqrt(width // spec.block_size) if spec.shared and width else norm
+
+
+def merged_scale(read: Sequence[OftAdapter], p: ModulePlan, weights: Sequence[float]) -> torch.Tensor:
+    """PEFT 0.14-0.15's ``oft_s``: the |weight|-weighted mean of the inputs' scales (ones where absent)."""
+    total, acc = 0.0, None
+    for i, spec in p.entries:
+        s = read[i].scale(p.name)
+        if s is None:
+            if spec.out_features is None:
+                continue
+            s = torch.ones(spec.out_features, 1, dtype=torch.float64)
+        acc = abs(weights[i]) * s if acc is None else acc + abs(weights[i]) * s
+        total += abs(weights[i])
+    if acc is None:
+        raise IncompatibleAdaptersError(f"module {p.name!r}: no oft_s scale found to merge")
+    return acc / total
