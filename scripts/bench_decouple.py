@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import time
@@ -72,8 +73,6 @@ def make_expert(path: Path, base: Path, index: int, args: argparse.Namespace) ->
     from oftmerge.formats.checkpoint import Checkpoint
     from oftmerge.formats.io import atomic_directory
     from oftmerge.formats.shards import ShardedWriter, parse_size
-
-    import re
 
     ckpt = Checkpoint(base)
     embedding = re.compile(EMBEDDING_PATTERN)
@@ -192,7 +191,7 @@ def run_group(args: argparse.Namespace, names: list[str], base: Path, experts: l
     loads = [os.getloadavg()[0]]
     for _ in range(args.repeat):
         for name in names:
-            out = args.workdir / ("out-" + name.split()[0] + "-" + str(abs(hash(name)) % 10**6))
+            out = args.workdir / ("out-" + re.sub(r"\W+", "_", name))  # stable: a killed run's leftovers are found again
             shutil.rmtree(out, ignore_errors=True)
             cmd = [c.replace("{out}", str(out)) for c in cmds[name]]
             cmd = [str(configs[c[8:-1]]) if c.startswith("{config:") else c for c in cmd]
