@@ -18,7 +18,7 @@ Newton's polar iteration on ``W0^T T`` for one expert.
     .venv/bin/python scripts/bench_decouple.py --make                  # generate the inputs (~9.6 GB)
     .venv/bin/python scripts/bench_decouple.py ties                    # oftmerge TIES vs mergekit TIES
     .venv/bin/python scripts/bench_decouple.py solver                  # exact vs fast Procrustes at d=4096
-    .venv/bin/python scripts/bench_decouple.py decouple-exact decouple-fast
+    .venv/bin/python scripts/bench_decouple.py decouple-exact decouple-fast compare-decouple
     .venv/bin/python scripts/bench_decouple.py profile --tensor model.layers.0.mlp.down_proj.weight
     .venv/bin/python scripts/bench_decouple.py ... --layers 2 --hidden 512 --intermediate 2048 --vocab 4096   # quick
 
@@ -31,6 +31,7 @@ mergekit's virtualenv (created once; torch first so pip does not pull a CUDA bui
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -157,8 +158,11 @@ GROUPS = {
 }
 
 
-def compare(ours: Path, theirs: Path) -> str:
-    """How far two merged models are apart, in bf16 roundings of the second one's values."""
+def compare(ours: Path, theirs: Path, detail: bool = False) -> str:
+    """How far two merged models are apart, in bf16 roundings of the second one's values.
+
+    ``detail``: also describe the differences beyond one rounding on the tensor that has most of them.
+    """
     import torch
 
     from oftmerge.formats.checkpoint import Checkpoint
@@ -168,17 +172,25 @@ def compare(ours: Path, theirs: Path) -> str:
         return f"different tensor names: {sorted(set(a.keys()) ^ set(b.keys()))[:4]}"
     differ = beyond = total = 0
     worst = 0.0
+    most = (0, "")
     for key in sorted(a.keys()):
         x, y = a.read(key).float(), b.read(key).float()
         _, exp = torch.frexp(y)
         ulp = torch.ldexp(torch.full_like(y, torch.finfo(torch.bfloat16).eps), exp - 1)
         diff = (x - y).abs()
+        over = diff > ulp
         differ += int((diff > 0).sum())
-        beyond += int((diff > ulp).sum())
+        beyond += int(over.sum())
         worst = max(worst, float(diff.max()) / max(float(y.abs().max()), 1e-30))
         total += y.numel()
+        if detail and int(over.sum()) > most[0]:
+            d = diff[over]
+            most = (int(over.sum()), f"; on {key}, the tensor with most ({int(over.sum()):,d}), those differences have median "
+                    f"{float(d.median()):.2g} ({float((d / ulp[over]).median()):.1f} roundings) and max {float(d.max()):.2g}, "
+                    f"against a mean |entry| of {float(y.abs().mean()):.2g}")  # fmt: skip
     return (f"{differ:,d} of {total:,d} entries differ ({100 * differ / total:.3f}%), {beyond:,d} "
-            f"({100 * beyond / total:.4f}%) by more than one bf16 rounding; largest difference {worst:.2g} of the tensor's max")  # fmt: skip
+            f"({100 * beyond / total:.4f}%) by more than one bf16 rounding; largest difference {worst:.2g} of the tensor's max"
+            + most[1])  # fmt: skip
 
 
 def run_group(args: argparse.Namespace, names: list[str], base: Path, experts: list[Path]) -> list[str]:
@@ -197,7 +209,7 @@ def run_group(args: argparse.Namespace, names: list[str], base: Path, experts: l
             cmd = [str(configs[c[8:-1]]) if c.startswith("{config:") else c for c in cmd]
             runs[name].append(run_child(cmd))
             print(f"{name:<40} {runs[name][-1][0]:8.1f} s  {runs[name][-1][1]:6.2f} GB peak RSS", flush=True)
-            keep = args.workdir / ("keep-" + name.replace(" ", "_").replace("(", "").replace(")", ""))
+            keep = keep_dir(args, name)
             shutil.rmtree(keep, ignore_errors=True)
             out.rename(keep)
     loads.append(os.getloadavg()[0])
@@ -213,10 +225,29 @@ def run_group(args: argparse.Namespace, names: list[str], base: Path, experts: l
             t, m = best["oftmerge TIES"], best[mk]
             rows.append(f"{mk} / oftmerge TIES: time {m[0] / t[0]:.2f}x, peak RSS {m[1] / t[1]:.2f}x "
                         f"(target: time >= 1 {'met' if m[0] >= t[0] else '**missed**'}, RSS >= 1 {'met' if m[1] >= t[1] else '**missed**'})")  # fmt: skip
-            keep = lambda n: args.workdir / ("keep-" + n.replace(" ", "_").replace("(", "").replace(")", ""))  # noqa: E731
-            rows.append(f"outputs, oftmerge TIES vs {mk}: " + compare(keep("oftmerge TIES"), keep(mk)))
+            rows.append(f"outputs, oftmerge TIES vs {mk}: " + compare(keep_dir(args, "oftmerge TIES"), keep_dir(args, mk)))
     if "oftmerge TIES" in best:
         rows.append(tie_block(base, experts[0], "model.layers.0.self_attn.q_proj.weight", args.density))
+    for r in rows:
+        print(r, flush=True)
+    return rows
+
+
+def keep_dir(args: argparse.Namespace, name: str) -> Path:
+    """Where ``run_group`` keeps a contender's last output."""
+    return args.workdir / ("keep-" + name.replace(" ", "_").replace("(", "").replace(")", ""))
+
+
+def compare_decouple(args: argparse.Namespace) -> list[str]:
+    """The kept outputs of decouple-fast against decouple-exact: entries that differ, and both reports' totals."""
+    exact, fast = (keep_dir(args, GROUPS[g][0]) for g in ("decouple-exact", "decouple-fast"))
+    for d in (exact, fast):
+        if not (d / "oftmerge.json").is_file():
+            raise SystemExit(f"{d}: no kept output; run decouple-exact and decouple-fast first")
+    rows = [f"outputs, fast vs exact: {compare(fast, exact, detail=True)}"]
+    for label, d in (("exact", exact), ("fast", fast)):
+        totals = json.loads((d / "oftmerge.json").read_text())["totals"]
+        rows.append(f"{label} totals: " + ", ".join(f"{k} {v:.10g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(totals.items())))
     for r in rows:
         print(r, flush=True)
     return rows
@@ -316,7 +347,7 @@ def profile_tensor(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="*", default=[], help=f"solver, profile, {', '.join(GROUPS)} (none: only --make)")
+    p.add_argument("what", nargs="*", default=[], help=f"solver, profile, compare-decouple, {', '.join(GROUPS)} (none: only --make)")
     p.add_argument("--make", action="store_true", help="generate the inputs if missing")
     add_model_arguments(p, "/tmp/oftmerge-bench-decouple")
     p.add_argument("--experts", type=int, default=3)
@@ -337,8 +368,11 @@ def main(argv: list[str] | None = None) -> int:
         if what == "profile":
             profile_tensor(args)
             continue
+        if what == "compare-decouple":
+            compare_decouple(args)
+            continue
         if what not in GROUPS:
-            p.error(f"unknown benchmark {what!r}: choose from solver, {', '.join(GROUPS)}")
+            p.error(f"unknown benchmark {what!r}: choose from solver, profile, compare-decouple, {', '.join(GROUPS)}")
         base, experts = ensure_inputs(args)
         run_group(args, GROUPS[what], base, experts)
     if args.make:
