@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -532,7 +532,23 @@ def _merge_packed(
     return q.squeeze(1), stats, norms
 
 
-class _Prefetch:
+class _OneThread:
+    """One worker thread and its futures, in submission order; leaving the ``with`` cancels what has not started."""
+
+    def __init__(self, name: str) -> None:
+        self._pool = ThreadPoolExecutor(1, name)
+        self._pending: collections.deque[tuple[str, Future[Any]]] = collections.deque()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for _, future in self._pending:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+
+
+class _Prefetch(_OneThread):
     """Decode the inputs' generators of the next modules in a thread while this one is merged.
 
     ``OftAdapter.generator`` (read, finiteness check, float64, unpack) is about
@@ -544,8 +560,7 @@ class _Prefetch:
         self._read = read
         self._plans = iter(plans)
         self._packed = packed
-        self._pending: collections.deque[tuple[str, Future[list[torch.Tensor]]]] = collections.deque()
-        self._pool = ThreadPoolExecutor(1, "oftmerge-read")
+        super().__init__("oftmerge-read")
 
     def _load(self, p: ModulePlan) -> list[torch.Tensor]:
         if p.name in self._packed:
@@ -564,20 +579,12 @@ class _Prefetch:
         self._fill()
         return future.result()
 
-    def __enter__(self) -> _Prefetch:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for _, future in self._pending:
-            future.cancel()
-        self._pool.shutdown(wait=True)
-
 
 #: modules whose generators are decoded ahead of the one being merged
 _PREFETCH = 2
 
 
-class _Checks:
+class _Checks(_OneThread):
     """``||R^T R - I||_F`` (worst block, float32) of each merged module's rotation, in a thread of its own.
 
     PEFT's Cayley–Neumann series (or the exact map) on the merged blocks is a few batched
@@ -586,8 +593,7 @@ class _Checks:
     """
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(1, "oftmerge-check")
-        self._pending: list[tuple[str, Future[float]]] = []
+        super().__init__("oftmerge-check")
 
     @staticmethod
     def _check(rmap: RotationMap, stored: torch.Tensor, is_packed: bool) -> float:
@@ -599,14 +605,6 @@ class _Checks:
 
     def results(self) -> list[tuple[str, float]]:
         return [(name, future.result()) for name, future in self._pending]
-
-    def __enter__(self) -> _Checks:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for _, future in self._pending:
-            future.cancel()
-        self._pool.shutdown(wait=True)
 
 
 def _gather_modules(
