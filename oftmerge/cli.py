@@ -80,14 +80,8 @@ def _progress(enabled: bool):
     return report
 
 
-def _is_main() -> bool:
-    from oftmerge import distributed
-
-    group = distributed.current()
-    return group is None or group.is_main
-
-
 def _cmd_merge(args: argparse.Namespace) -> int:
+    from oftmerge import distributed
     from oftmerge.merge import merge_adapters
 
     require_output(args)
@@ -111,7 +105,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         fold_adapter(result, args.fold_into, args.output, shard_size=args.shard_size, overwrite=args.overwrite, threads=args.threads)
     elif not args.dry_run:
         result.save(args.output, overwrite=args.overwrite)
-    if not _is_main():  # under accelerate launch only the main process reports
+    if not distributed.is_main():  # under accelerate launch only the main process reports
         return 0
     if args.json:
         data = result.provenance()

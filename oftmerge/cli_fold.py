@@ -22,7 +22,8 @@ EPILOG_PUSH = """examples:
 
 
 def _cmd_fold(args: argparse.Namespace) -> int:
-    from oftmerge.cli import _is_main, _progress, require_output
+    from oftmerge import distributed
+    from oftmerge.cli import _progress, require_output
     from oftmerge.model_fold import fold_adapter
 
     require_output(args)
@@ -40,7 +41,7 @@ def _cmd_fold(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=_progress(not args.quiet),
     )
-    if not _is_main():  # under accelerate launch only the main process reports
+    if not distributed.is_main():  # under accelerate launch only the main process reports
         return 0
     if args.json:
         data = result.provenance()

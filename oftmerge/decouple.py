@@ -449,7 +449,7 @@ def decouple_merge(
     fb = [r for r in result.layers.values() if r.path.startswith("fallback")]
     if fb:
         result.warnings.append(f"{len(fb)} tensor(s) fell back to the Euclidean method alone (first: {fb[0].name}: {fb[0].path})")
-    if group is None or group.is_main:  # one process says it
+    if distributed.is_main():  # one process of a distributed run says it
         for w in result.warnings:
             log.warning(w)
     return result

@@ -143,6 +143,12 @@ def current() -> Group | None:
     return _group(rank, size)
 
 
+def is_main() -> bool:
+    """Whether this process speaks for the run: a single process, or rank 0 of a launched one (logs, reports, pushes)."""
+    group = current()
+    return group is None or group.is_main
+
+
 # -- fold: shards written by several processes ---------------------------------------------------
 
 

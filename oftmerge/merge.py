@@ -498,7 +498,7 @@ def merge_adapters(
             f"rotation for the merged generator (worst: {worst[0]}, ||R^T R - I||_F = {worst[1]:.3g}); "
             "consider cayley='exact' or a smaller scale"
         )
-    if group is None or group.is_main:  # one process of a distributed run says it
+    if distributed.is_main():  # one process of a distributed run says it
         for w_ in warnings:
             log.warning(w_)
     if out_dir is not None and output == "model":

@@ -241,7 +241,7 @@ def fold_adapter(
             )  # fmt: skip
     if isinstance(adapter, MergeResult):
         adapter.saved_to = result.out_dir
-    if push_to_hub and (distributed.current() is None or distributed.current().is_main):  # type: ignore[union-attr]
+    if push_to_hub and distributed.is_main():
         result.pushed = push_folder(result.out_dir, push_to_hub, private=private)
     return result
 
@@ -266,8 +266,7 @@ def _plan(
             f"{untied[1]} separately (tie_word_embeddings=false), so that it computes what the adapted model "
             "computes (PEFT's in-place merge_and_unload would rotate both tied matrices)"
         )
-        group = distributed.current()
-        if group is None or group.is_main:  # one process of a distributed run says it
+        if distributed.is_main():  # one process of a distributed run says it
             log.warning(warnings[-1])
     for name, key in modules.items():
         if key not in ckpt and (untied is None or key != untied[1]):
