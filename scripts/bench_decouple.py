@@ -179,13 +179,14 @@ def compare(ours: Path, theirs: Path, detail: bool = False) -> str:
         ulp = torch.ldexp(torch.full_like(y, torch.finfo(torch.bfloat16).eps), exp - 1)
         diff = (x - y).abs()
         over = diff > ulp
+        n_over = int(over.sum())
         differ += int((diff > 0).sum())
-        beyond += int(over.sum())
+        beyond += n_over
         worst = max(worst, float(diff.max()) / max(float(y.abs().max()), 1e-30))
         total += y.numel()
-        if detail and int(over.sum()) > most[0]:
+        if detail and n_over > most[0]:
             d = diff[over]
-            most = (int(over.sum()), f"; on {key}, the tensor with most ({int(over.sum()):,d}), those differences have median "
+            most = (n_over, f"; on {key}, the tensor with most ({n_over:,d}), those differences have median "
                     f"{float(d.median()):.2g} ({float((d / ulp[over]).median()):.1f} roundings) and max {float(d.max()):.2g}, "
                     f"against a mean |entry| of {float(y.abs().mean()):.2g}")  # fmt: skip
     return (f"{differ:,d} of {total:,d} entries differ ({100 * differ / total:.3f}%), {beyond:,d} "
