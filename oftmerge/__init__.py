@@ -7,7 +7,7 @@
 """
 
 from oftmerge._version import __version__
-from oftmerge.decouple import DecoupleResult, decouple_merge
+from oftmerge.ops.decouple import DecoupleResult, decouple_merge
 from oftmerge.errors import (
     AdapterFormatError,
     IncompatibleAdaptersError,
@@ -16,10 +16,10 @@ from oftmerge.errors import (
     OutputExistsError,
 )
 from oftmerge.formats import OftAdapter, read_adapter
-from oftmerge.merge import MergeResult, merge_adapters
+from oftmerge.ops.merge import MergeResult, merge_adapters
 from oftmerge.methods import available_methods
-from oftmerge.model_fold import FoldResult, fold_adapter
-from oftmerge.hub import push_folder
+from oftmerge.ops.fold import FoldResult, fold_adapter
+from oftmerge.integrations.hub import push_folder
 
 __all__ = [
     "AdapterFormatError",

@@ -70,7 +70,7 @@ def rotate_columns(w, seed: int, strength: float):
 def make_expert(path: Path, base: Path, index: int, args: argparse.Namespace) -> None:
     import torch
 
-    from oftmerge.decouple import EMBEDDING_PATTERN
+    from oftmerge.ops.decouple import EMBEDDING_PATTERN
     from oftmerge.formats.checkpoint import Checkpoint
     from oftmerge.formats.io import atomic_directory
     from oftmerge.formats.shards import ShardedWriter, parse_size

@@ -130,7 +130,7 @@ def profile(paths: list[Path], workdir: Path) -> None:
     import cProfile
     import pstats
 
-    from oftmerge.merge import merge_adapters
+    from oftmerge.ops.merge import merge_adapters
 
     out = workdir / "out-profile"
     shutil.rmtree(out, ignore_errors=True)

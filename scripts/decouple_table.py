@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from oftmerge.decouple import decouple_merge  # noqa: E402
+from oftmerge.ops.decouple import decouple_merge  # noqa: E402
 from oftmerge.demo.tasks import TASK_NAMES  # noqa: E402
 
 DOC = REPO / "docs" / "decoupling.md"

@@ -38,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from oftmerge import merge_adapters
-    from oftmerge.diagnostics import inspect_adapters
+    from oftmerge.ops.inspect import inspect_adapters
     from oftmerge.demo.evaluate import format_table, score
-    from oftmerge.merge import quiet_merge_log
+    from oftmerge.ops.merge import quiet_merge_log
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)

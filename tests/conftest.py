@@ -77,3 +77,38 @@ def ids() -> torch.Tensor:
 @pytest.fixture
 def img() -> torch.Tensor:
     return torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(7))
+
+
+# -- output record: OFTMERGE_RECORD_OUTPUTS=FILE.jsonl records the SHA-256 of every file a test wrote
+# under its tmp_path (text files with tmp_path / the repository root replaced by placeholders), so that a
+# refactoring can be checked byte for byte against a record made before it (scripts/compare_outputs.py).
+
+
+def _record_outputs(nodeid: str, root: Path, record: str) -> None:
+    import hashlib
+    import json as _json
+
+    files = {}
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or p.is_symlink():
+            continue
+        data = p.read_bytes()
+        if p.suffix in (".json", ".md", ".txt", ".yaml"):
+            data = data.replace(str(root).encode(), b"<tmp>").replace(str(ROOT).encode(), b"<repo>")
+        files[str(p.relative_to(root))] = hashlib.sha256(data).hexdigest()
+    if files:
+        with open(record, "a", encoding="utf-8") as f:
+            f.write(_json.dumps({"test": nodeid, "files": files}) + "\n")
+
+
+@pytest.fixture(autouse=True)
+def _output_record(request):
+    import os
+
+    record = os.environ.get("OFTMERGE_RECORD_OUTPUTS")
+    if not record:
+        yield
+        return
+    root = request.getfixturevalue("tmp_path")
+    yield
+    _record_outputs(request.node.nodeid, root, record)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from oftmerge.decouple import decouple_merge
+from oftmerge.ops.decouple import decouple_merge
 from oftmerge.methods.decoupling import Settings, conflict_mask, decompose
 from oftmerge.errors import AdapterFormatError, IncompatibleAdaptersError, NumericalError, OftMergeError, OutputExistsError
 from oftmerge.formats.checkpoint import Checkpoint
@@ -383,7 +383,7 @@ def test_model_wide_ties_trim(models, tmp_path):
 
 
 def test_model_wide_thresholds_from_the_histogram():
-    from oftmerge.decouple import _HIST_BINS, _LOG_HI, _LOG_LO, _thresholds
+    from oftmerge.ops.decouple import _HIST_BINS, _LOG_HI, _LOG_LO, _thresholds
 
     values = torch.arange(1, 1001, dtype=F64)
     hist = torch.histc(torch.log10(values), bins=_HIST_BINS, min=_LOG_LO, max=_LOG_HI).unsqueeze(0)

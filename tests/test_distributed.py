@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from oftmerge import distributed
+from oftmerge.engine import distributed
 from oftmerge.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

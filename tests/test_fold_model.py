@@ -245,7 +245,7 @@ def _assert_weights_equal(ours: torch.Tensor, theirs: torch.Tensor, name: str) -
 @pytest.mark.parametrize("variant", ["f32", "f32-sharded", "bf16"])
 @pytest.mark.parametrize("kind", ["neumann", "exact"])
 def test_folded_llama_equals_peft_merge_and_unload(llama, variant, kind, tmp_path):
-    from oftmerge.model_fold import fold_adapter
+    from oftmerge.ops.fold import fold_adapter
 
     base, adapter = llama["bases"][variant], llama["adapters"][kind]
     result = fold_adapter(adapter, base, tmp_path / "out", shard_size="60KB")
@@ -283,7 +283,7 @@ def test_fold_golden_fixture_equals_that_releases_merge(case, tmp_path):
     """Every layout and Cayley variant of PEFT 0.13.2-0.21.2, Linear, Embedding and Conv2d, against that release."""
     import shutil
 
-    from oftmerge.model_fold import fold_adapter
+    from oftmerge.ops.fold import fold_adapter
 
     (tmp_path / "base").mkdir()
     shutil.copyfile(case / "base.safetensors", tmp_path / "base" / "model.safetensors")
@@ -321,7 +321,7 @@ def test_merged_adapters_fold_equals_peft_on_the_merged_adapter(llama, tmp_path)
 
 @pytest.mark.parametrize("targets", [["embed_tokens", "q_proj"], ["lm_head", "q_proj"]])
 def test_tied_embedding_rotated_is_untied_and_keeps_the_adapted_function(targets, tmp_path):
-    from oftmerge.model_fold import fold_adapter
+    from oftmerge.ops.fold import fold_adapter
 
     base = _save_llama(tmp_path / "base", tie_word_embeddings=True)
     assert "lm_head.weight" not in Checkpoint(base)
@@ -346,7 +346,7 @@ def test_tied_embedding_rotated_is_untied_and_keeps_the_adapted_function(targets
 
 
 def test_tied_embedding_not_rotated_stays_tied(tmp_path):
-    from oftmerge.model_fold import fold_adapter
+    from oftmerge.ops.fold import fold_adapter
 
     base = _save_llama(tmp_path / "base", tie_word_embeddings=True)
     adapter = _make_llama_adapter(tmp_path / "a", base, seed=5, targets=["q_proj", "down_proj"])
@@ -361,7 +361,7 @@ def test_tied_embedding_not_rotated_stays_tied(tmp_path):
 
 def test_fold_refuses_an_adapter_of_another_model(llama, tmp_path):
     from oftmerge.errors import IncompatibleAdaptersError
-    from oftmerge.model_fold import fold_adapter
+    from oftmerge.ops.fold import fold_adapter
 
     with pytest.raises(IncompatibleAdaptersError, match=r"module 'head' .*the base model has no weight 'head.weight'; this adapter was trained on another base model"):
         fold_adapter(GOLDEN / "peft-0.21.2" / "exact_bs4" / "adapter", llama["bases"]["f32"], tmp_path / "out")
@@ -373,7 +373,7 @@ def test_fold_refuses_an_adapter_of_another_model(llama, tmp_path):
 
 def test_cli_fold_dry_run_and_write(llama, tmp_path, capsys):
     from oftmerge.cli import main
-    from oftmerge.model_fold import fold_adapter
+    from oftmerge.ops.fold import fold_adapter
 
     adapter, base = str(llama["adapters"]["exact"]), str(llama["bases"]["f32"])
     assert main(["fold", adapter, "--base", base, "--dry-run", "--shard-size", "100KB"]) == 0
@@ -435,7 +435,7 @@ def test_killed_fold_leaves_nothing_that_looks_complete(llama, tmp_path, point, 
     import subprocess
     import sys
 
-    from oftmerge.model_fold import fold_adapter
+    from oftmerge.ops.fold import fold_adapter
 
     adapter, base = llama["adapters"]["neumann"], llama["bases"]["f32-sharded"]
     reference = fold_adapter(adapter, base, tmp_path / "reference", shard_size="60KB").out_dir

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 import oftmerge
-from oftmerge.convert import convert_adapter
+from oftmerge.ops.convert import convert_adapter
 from oftmerge.errors import OftMergeError
-from oftmerge.fold import adapter_rotation, fold_weight
+from oftmerge.kernels.fold import adapter_rotation, fold_weight
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 CASES = sorted(p for p in GOLDEN.glob("peft-*/*") if (p / "adapter").is_dir())

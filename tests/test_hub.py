@@ -12,7 +12,7 @@ import pytest
 import oftmerge
 from oftmerge.cli import main
 from oftmerge.errors import OftMergeError
-from oftmerge.hub import PushPlan, adapter_card, push_folder
+from oftmerge.integrations.hub import PushPlan, adapter_card, push_folder
 
 from conftest import make_oft_adapter
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from oftmerge.cli import main
-from oftmerge.diagnostics import inspect_adapters, render_report
+from oftmerge.ops.inspect import inspect_adapters, render_report
 
 from conftest import make_oft_adapter
 

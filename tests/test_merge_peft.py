@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import oftmerge
-from oftmerge.fold import adapter_rotation, fold_weight
+from oftmerge.kernels.fold import adapter_rotation, fold_weight
 from oftmerge.linalg import cayley, neumann_series
 
 from conftest import TinyNet, load_peft, make_oft_adapter

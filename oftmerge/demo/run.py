@@ -59,7 +59,7 @@ def run_demo(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from oftmerge.demo.evaluate import format_table, score
-    from oftmerge.merge import merge_adapters, quiet_merge_log
+    from oftmerge.ops.merge import merge_adapters, quiet_merge_log
 
     import transformers
 

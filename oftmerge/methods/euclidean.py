@@ -1,10 +1,10 @@
 """Euclidean merge methods for task vectors (TA, TIES, DARE, TSV-M), with their own registry.
 
 Each method is a pure function of one tensor's task vectors ``taus`` ``(N, *shape)``
-(float64, or float32 for 16-bit checkpoints: see :mod:`oftmerge.decouple`), per-expert weights ``w`` ``(N,)`` and a :class:`TensorContext` (the tensor's
+(float64, or float32 for 16-bit checkpoints: see :mod:`oftmerge.ops.decouple`), per-expert weights ``w`` ``(N,)`` and a :class:`TensorContext` (the tensor's
 name, for seeding, and model-wide statistics when a method needs them), passed as
 ``context=``. It returns the merged task vector ``(*shape)`` and a dict of statistics. The decoupling engine
-(:mod:`oftmerge.decouple`) feeds them either plain task vectors ``W_i - W0`` or the
+(:mod:`oftmerge.ops.decouple`) feeds them either plain task vectors ``W_i - W0`` or the
 residuals ``W_i - W0 R_i`` of the orthogonal-residual split.
 
 =============  ======================================================================  ==========================

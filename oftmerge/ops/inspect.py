@@ -19,7 +19,7 @@ import torch
 
 from oftmerge.formats.checkpoint import Checkpoint
 from oftmerge.formats.peft_oft import OftAdapter, read_adapter
-from oftmerge.merge import merge_adapters, module_norm, quiet_merge_log, to_grid
+from oftmerge.ops.merge import merge_adapters, module_norm, quiet_merge_log, to_grid
 
 __all__ = ["inspect_adapters", "render_report"]
 

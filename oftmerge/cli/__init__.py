@@ -17,10 +17,10 @@ log = logging.getLogger("oftmerge")
 
 #: Modules that add subcommands: each has ``register(subparsers)`` (kept apart so each stays small).
 SUBCOMMAND_MODULES: list[str] = [
-    "oftmerge.cli_inspect",
-    "oftmerge.cli_demo",
-    "oftmerge.cli_fold",
-    "oftmerge.cli_decouple",
+    "oftmerge.cli.inspect",
+    "oftmerge.cli.demo",
+    "oftmerge.cli.fold",
+    "oftmerge.cli.decouple",
 ]
 
 EPILOG_MERGE = """examples:
@@ -81,8 +81,8 @@ def _progress(enabled: bool):
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from oftmerge import distributed
-    from oftmerge.merge import merge_adapters
+    from oftmerge.engine import distributed
+    from oftmerge.ops.merge import merge_adapters
 
     require_output(args)
     result = merge_adapters(
@@ -100,7 +100,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     if not args.dry_run and args.fold_into:
-        from oftmerge.model_fold import fold_adapter
+        from oftmerge.ops.fold import fold_adapter
 
         fold_adapter(result, args.fold_into, args.output, shard_size=args.shard_size, overwrite=args.overwrite, threads=args.threads)
     elif not args.dry_run:
@@ -120,7 +120,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from oftmerge.convert import convert_adapter
+    from oftmerge.ops.convert import convert_adapter
 
     result = convert_adapter(
         args.adapter, args.output, peft_release=args.peft_release, approximate=args.approximate, overwrite=args.overwrite

@@ -1,6 +1,6 @@
 """Fold an OFT adapter (or a merge of several) into its base model: a full ``transformers`` model directory.
 
->>> from oftmerge.model_fold import fold_adapter
+>>> from oftmerge.ops.fold import fold_adapter
 >>> fold_adapter("adapters/oft-upper", "base-model", "folded", shard_size="2GB")  # doctest: +SKIP
 >>> merged = oftmerge.merge_adapters(["a", "b"])                                   # doctest: +SKIP
 >>> fold_adapter(merged, "base-model", "folded-merge")                             # doctest: +SKIP
@@ -8,7 +8,7 @@
 The result is what PEFT's ``PeftModel.from_pretrained(base, adapter).merge_and_unload()``
 followed by ``save_pretrained`` gives, computed one tensor at a time:
 
-* every adapted weight is folded with :func:`oftmerge.fold.fold_weight` (the
+* every adapted weight is folded with :func:`oftmerge.kernels.fold.fold_weight` (the
   rotation PEFT builds, for every release, layout, Cayley variant, Linear,
   Embedding and square-kernel Conv2d), in float32 for 16-bit weights and
   rounded once to the weight's dtype, as PEFT does;
@@ -41,16 +41,16 @@ from typing import Any
 
 import torch
 
-from oftmerge import distributed
+from oftmerge.engine import distributed
 from oftmerge.errors import IncompatibleAdaptersError, NumericalError, OftMergeError
-from oftmerge.fold import adapter_rotation, all_finite, fold_weight
+from oftmerge.kernels.fold import adapter_rotation, all_finite, fold_weight
 from oftmerge.formats.checkpoint import Checkpoint
 from oftmerge.formats.peft_oft import RELEASES, OftAdapter, read_adapter
 from oftmerge.formats.shards import plan_model, tied_embeddings, write_model
 from oftmerge.formats.writer import write_adapter_dir
-from oftmerge.hub import folded_model_card, library_versions, push_folder
+from oftmerge.integrations.hub import folded_model_card, library_versions, push_folder
 from oftmerge.formats.io import sha256_file
-from oftmerge.merge import MergeResult, torch_threads
+from oftmerge.ops.merge import MergeResult, torch_threads
 
 __all__ = ["FoldResult", "fold_adapter"]
 
@@ -72,7 +72,7 @@ class FoldResult:
     warnings: list[str] = field(default_factory=list)
     dry_run: bool = False
     out_dir: Path | None = None
-    pushed: Any = None  #: what :func:`oftmerge.hub.push_folder` returned, when pushed
+    pushed: Any = None  #: what :func:`oftmerge.integrations.hub.push_folder` returned, when pushed
 
     def provenance(self) -> dict[str, Any]:
         """Everything needed to know how the model was made (no timestamps: re-runs give the same bytes)."""
@@ -177,7 +177,7 @@ def fold_adapter(
     Args:
         adapter: an adapter directory (any PEFT release), an
             :class:`~oftmerge.formats.OftAdapter`, or a
-            :class:`~oftmerge.merge.MergeResult` (its ``saved_to`` is set to ``out_dir``).
+            :class:`~oftmerge.ops.merge.MergeResult` (its ``saved_to`` is set to ``out_dir``).
         base: a ``transformers`` model directory (safetensors, sharded or not, or ``.bin``).
         out_dir: the output directory, written atomically; may be None in a dry run.
         shard_size: largest shard, ``"5GB"`` style or bytes (``transformers``' default 5GB).
@@ -189,7 +189,7 @@ def fold_adapter(
             provenance (reads the base once more); by default a fingerprint of
             its tensor names, dtypes and shapes is recorded.
         push_to_hub: a Hub repo id: upload the folded directory there afterwards
-            (:func:`oftmerge.hub.push_folder`; needs ``huggingface_hub`` and a login).
+            (:func:`oftmerge.integrations.hub.push_folder`; needs ``huggingface_hub`` and a login).
         private: create the Hub repository as private.
         threads: torch threads for the fold (restored afterwards; None leaves torch's setting).
             The fold is many small batched products while a reader and a writer

@@ -22,9 +22,9 @@ EPILOG_PUSH = """examples:
 
 
 def _cmd_fold(args: argparse.Namespace) -> int:
-    from oftmerge import distributed
+    from oftmerge.engine import distributed
     from oftmerge.cli import _progress, require_output
-    from oftmerge.model_fold import fold_adapter
+    from oftmerge.ops.fold import fold_adapter
 
     require_output(args)
     result = fold_adapter(
@@ -57,7 +57,7 @@ def _cmd_fold(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from oftmerge.hub import push_folder
+    from oftmerge.integrations.hub import push_folder
 
     result = push_folder(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run, revision=args.revision, commit_message=args.message)
     if args.dry_run:

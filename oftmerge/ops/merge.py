@@ -24,7 +24,7 @@ from typing import Any, Self
 
 import torch
 
-from oftmerge import distributed
+from oftmerge.engine import distributed
 from oftmerge._version import __version__
 from oftmerge.errors import IncompatibleAdaptersError, NumericalError, OftMergeError
 from oftmerge.formats.checkpoint import Checkpoint
@@ -32,7 +32,7 @@ from oftmerge.formats.io import sha256_file
 from oftmerge.formats.peft_oft import KEY_PREFIX, RELEASES, OftAdapter, read_adapter
 from oftmerge.formats.writer import BlockConfig, write_adapter_dir
 from oftmerge.linalg import RotationMap, pack_skew, unpack_skew
-from oftmerge.merge_plan import (
+from oftmerge.plan.merge import (
     ModulePlan,
     block_config,
     merged_scale,
@@ -149,7 +149,7 @@ class MergeResult:
         prov["modules"] = {n: r.to_dict() for n, r in self.modules.items()}
         extra = {"oftmerge.json": (json.dumps(prov, indent=2, sort_keys=True) + "\n").encode()}
         try:
-            from oftmerge.hub import adapter_card
+            from oftmerge.integrations.hub import adapter_card
 
             extra["README.md"] = adapter_card(self).encode()
         except ImportError:  # pragma: no cover
@@ -300,7 +300,7 @@ def merge_adapters(
         progress: called as ``progress(done, total, module)`` after each module.
         output: ``"adapter"`` writes the merged adapter to ``out_dir``;
             ``"model"`` folds it into ``base`` and writes a full model there
-            (:func:`oftmerge.model_fold.fold_adapter`, shards of ``shard_size``).
+            (:func:`oftmerge.ops.fold.fold_adapter`, shards of ``shard_size``).
         threads: torch threads for the per-module arithmetic (restored
             afterwards; None leaves torch's setting). The blocks are small
             (``(blocks, b, b)``, b = 32 typically), so a second thread mostly
@@ -502,7 +502,7 @@ def merge_adapters(
         for w_ in warnings:
             log.warning(w_)
     if out_dir is not None and output == "model":
-        from oftmerge.model_fold import fold_adapter
+        from oftmerge.ops.fold import fold_adapter
 
         fold_adapter(result, base, out_dir, shard_size=shard_size, overwrite=overwrite, threads=threads)  # type: ignore[arg-type]
     elif out_dir is not None:

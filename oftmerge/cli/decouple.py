@@ -1,4 +1,4 @@
-"""``oftmerge decouple``: merge LoRA adapters and full finetunes into one model (see :mod:`oftmerge.decouple`)."""
+"""``oftmerge decouple``: merge LoRA adapters and full finetunes into one model (see :mod:`oftmerge.ops.decouple`)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ tensors that are not 2-D use the Euclidean method alone. docs/decoupling.md has 
 
 def _cmd_decouple(args: argparse.Namespace) -> int:
     from oftmerge.cli import _parse_options, _parse_weights, _progress, require_output
-    from oftmerge.decouple import decouple_merge
+    from oftmerge.ops.decouple import decouple_merge
 
     require_output(args)
     result = decouple_merge(
@@ -56,7 +56,7 @@ def _cmd_decouple(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from oftmerge.cli import add_report_arguments
-    from oftmerge.decouple import ON_DOMAIN_ERROR, TARGETS, MAX_ROTATION
+    from oftmerge.ops.decouple import ON_DOMAIN_ERROR, TARGETS, MAX_ROTATION
     from oftmerge.linalg.procrustes import SOLVERS
     from oftmerge.methods import available_methods
     from oftmerge.methods.euclidean import euclidean_methods

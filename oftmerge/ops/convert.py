@@ -25,7 +25,7 @@ from pathlib import Path
 from oftmerge.errors import OftMergeError
 from oftmerge.formats import read_adapter
 from oftmerge.linalg import RotationMap
-from oftmerge.merge import MergeResult, merge_adapters
+from oftmerge.ops.merge import MergeResult, merge_adapters
 
 __all__ = ["convert_adapter"]
 

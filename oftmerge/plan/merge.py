@@ -5,7 +5,7 @@ of modules and checks widths and block sizes, :func:`output_layout` picks the PE
 output can be written in, :func:`block_config` the grid PEFT's single config can express,
 :func:`output_config` the output's ``adapter_config.json``, :func:`resolve_rotation_map` the map
 the output is written for. :func:`to_grid` and :func:`module_norm` bring one input's stored blocks
-to the plan's grid and measure them. :mod:`oftmerge.merge` runs the plan.
+to the plan's grid and measure them. :mod:`oftmerge.ops.merge` runs the plan.
 """
 
 from __future__ import annotations

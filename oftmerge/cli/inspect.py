@@ -1,4 +1,4 @@
-"""``oftmerge inspect``: diagnostics of OFT adapters (see :mod:`oftmerge.diagnostics`)."""
+"""``oftmerge inspect``: diagnostics of OFT adapters (see :mod:`oftmerge.ops.inspect`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from oftmerge.diagnostics import inspect_adapters, render_report
+    from oftmerge.ops.inspect import inspect_adapters, render_report
 
     report = inspect_adapters(args.adapters, base=args.base, peft_release=args.peft_release)
     print(json.dumps(report, indent=2, sort_keys=True) if args.json else render_report(report, max_modules=args.show))

@@ -1,7 +1,7 @@
 """Model cards with provenance, and upload to the Hugging Face Hub through ``huggingface_hub``.
 
 * :func:`adapter_card` (merged OFT adapters) and :func:`folded_model_card`
-  (full models from :func:`oftmerge.model_fold.fold_adapter`) write a
+  (full models from :func:`oftmerge.ops.fold.fold_adapter`) write a
   ``README.md`` with ``huggingface_hub.ModelCard`` / ``ModelCardData``: base
   model, library, tags, and an ``oftmerge`` metadata block with the method,
   its options, the inputs with their SHA-256, and the oftmerge / PEFT / torch
@@ -30,8 +30,8 @@ from oftmerge._version import __version__
 from oftmerge.errors import OftMergeError
 
 if TYPE_CHECKING:
-    from oftmerge.merge import MergeResult
-    from oftmerge.model_fold import FoldResult
+    from oftmerge.ops.merge import MergeResult
+    from oftmerge.ops.fold import FoldResult
 
 __all__ = ["PushPlan", "adapter_card", "folded_model_card", "library_versions", "push_folder"]
 

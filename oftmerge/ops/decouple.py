@@ -40,12 +40,12 @@ from typing import Any
 
 import torch
 
-from oftmerge import distributed
+from oftmerge.engine import distributed
 from oftmerge.errors import IncompatibleAdaptersError, NumericalError, OftMergeError
 from oftmerge.formats.checkpoint import Checkpoint
 from oftmerge.formats.lora import LoraAdapter, is_lora_adapter, read_lora
 from oftmerge.formats.shards import write_model
-from oftmerge.merge import torch_threads
+from oftmerge.ops.merge import torch_threads
 from oftmerge.linalg.procrustes import SOLVERS
 from oftmerge.methods import get_method
 from oftmerge.methods.decoupling import MAX_ROTATION, ON_DOMAIN_ERROR, TARGETS, Decomposition, LayerReport, Settings, decompose
@@ -160,7 +160,7 @@ class DecoupleResult:
 
     def provenance(self) -> dict[str, Any]:
         try:
-            from oftmerge.hub import library_versions
+            from oftmerge.integrations.hub import library_versions
 
             versions = library_versions()
         except ImportError:  # pragma: no cover - older hub module
