@@ -1,72 +1,15 @@
-"""Shared helpers: tiny models and real PEFT OFT adapters with non-trivial generators."""
+"""Fixtures shared by every layer of the suite (helpers that are not fixtures live in helpers.py)."""
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import make_oft_adapter, make_llama_adapter, save_llama
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class TinyNet(torch.nn.Module):
-    """Linear layers of several shapes (square, wide, tall), an embedding and a 3x3 conv."""
-
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.emb = torch.nn.Embedding(20, 16)
-        self.lin_sq = torch.nn.Linear(16, 16)
-        self.lin_wide = torch.nn.Linear(16, 24)  # in 16 -> out 24
-        self.lin_tall = torch.nn.Linear(24, 8)
-        self.conv = torch.nn.Conv2d(2, 4, 3)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-
-    def forward(self, ids: torch.Tensor, img: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.emb(ids)
-        h = torch.tanh(self.lin_sq(h))
-        h = torch.tanh(self.lin_wide(h))
-        out = self.lin_tall(h)
-        if img is not None:
-            out = out + self.conv(img).mean((1, 2, 3)).view(-1, 1, 1)
-        return out
-
-
-def make_oft_adapter(
-    path: Path,
-    *,
-    seed: int,
-    targets: Sequence[str] = ("lin_sq", "lin_wide", "lin_tall"),
-    std: float = 0.05,
-    model_seed: int = 0,
-    **config,
-) -> torch.nn.Module:
-    """Create a PEFT (installed release) OFT adapter with random generators, save it, return the PeftModel."""
-    from peft import OFTConfig, get_peft_model
-
-    config.setdefault("oft_block_size", 4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = get_peft_model(TinyNet(model_seed), OFTConfig(target_modules=list(targets), **config))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "oft_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    model.save_pretrained(str(path))
-    model.eval()
-    return model
-
-
-def load_peft(path: Path, model_seed: int = 0):
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(TinyNet(model_seed), str(path)).eval()
 
 
 @pytest.fixture
@@ -77,6 +20,32 @@ def ids() -> torch.Tensor:
 @pytest.fixture
 def img() -> torch.Tensor:
     return torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """Two PEFT OFT adapters of TinyNet (block size 4, Cayley-Neumann), seeds 1 and 2."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_oft_adapter(a, seed=1)
+    make_oft_adapter(b, seed=2)
+    return a, b
+
+
+@pytest.fixture(scope="session")
+def llama(tmp_path_factory):
+    """Tiny Llama bases (float32 one file, float32 sharded, bf16) and OFT adapters (Neumann default, exact), made once."""
+    root = tmp_path_factory.mktemp("llama")
+    bases = {
+        "f32": save_llama(root / "f32"),
+        "f32-sharded": save_llama(root / "f32-sharded", max_shard_size="50KB"),
+        "bf16": save_llama(root / "bf16", dtype=torch.bfloat16),
+    }
+    adapters = {
+        "neumann": make_llama_adapter(root / "neumann", bases["f32"], seed=1),
+        "exact": make_llama_adapter(root / "exact", bases["f32"], seed=2, use_cayley_neumann=False, oft_block_size=16),
+        "neumann-b": make_llama_adapter(root / "neumann-b", bases["f32"], seed=3, targets=["q_proj", "v_proj", "down_proj"]),
+    }
+    return {"root": root, "bases": bases, "adapters": adapters}
 
 
 # -- output record: OFTMERGE_RECORD_OUTPUTS=FILE.jsonl records the SHA-256 of every file a test wrote

@@ -4,7 +4,6 @@ merge_and_unload."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,16 +16,10 @@ from oftmerge.ops.convert import convert_adapter
 from oftmerge.errors import OftMergeError
 from oftmerge.kernels.fold import adapter_rotation, fold_weight
 
-GOLDEN = Path(__file__).parent / "fixtures" / "golden"
+from helpers import GOLDEN, golden_model, orthomerge_generator, peft_rotation, read_full_generator, rotated_copy
+
 CASES = sorted(p for p in GOLDEN.glob("peft-*/*") if (p / "adapter").is_dir())
 FAMILY = {"0.13.2": "0.13", "0.15.2": "0.15", "0.17.1": "0.16", "0.18.1": "0.18", "0.21.2": "0.18"}
-
-
-def _golden_model():
-    spec = importlib.util.spec_from_file_location("golden_model", GOLDEN / "golden_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _case_id(p: Path) -> str:
@@ -111,7 +104,7 @@ def _converted_forward_matches(case: Path, out: Path) -> None:
     """Load the converted adapter with the installed PEFT and compare with the old release's merged output."""
     from peft import PeftModel
 
-    gm = _golden_model()
+    gm = golden_model()
     meta = _meta(case)
     model = gm.make_model(meta["model"]["seed"])
     model.load_state_dict(load_file(case / "base.safetensors"))
@@ -193,18 +186,42 @@ def test_old_and_new_sides_cannot_be_merged():
         oftmerge.merge_adapters([GOLDEN / "peft-0.13.2" / "exact_r4" / "adapter", GOLDEN / "peft-0.21.2" / "exact_bs4" / "adapter"], allow_base_mismatch=True)
 
 
-def test_cross_release_merge_loads_in_current_peft(tmp_path):
-    """A 0.17.1 exact adapter and a 0.21.2 Neumann adapter of the same model merge into one current adapter."""
-    a = GOLDEN / "peft-0.17.1" / "exact_bs4" / "adapter"
-    b = GOLDEN / "peft-0.21.2" / "neumann5_bs8" / "adapter"
-    result = oftmerge.merge_adapters([a, b], out_dir=tmp_path / "m", allow_base_mismatch=True)
-    assert result.rotation_map.kind == "exact"
+def test_cross_release_merge_equals_the_independent_formula(tmp_path):
+    """A 0.17.1 exact adapter (block size 4) and a 0.21.2 Neumann adapter (block size 8) of the same model merge
+    into one current adapter; the installed PEFT runs it and agrees with a from-scratch full-matrix OrthoMerge
+    (Eq. 7-8 over each module's whole block-diagonal generator, in canonical sign, then PEFT's exact Cayley map)."""
     from peft import PeftModel
 
-    gm = _golden_model()
-    model = gm.make_model(1234)
-    model.load_state_dict(load_file(GOLDEN / "peft-0.21.2" / "neumann5_bs8" / "base.safetensors"))
-    inputs = load_file(GOLDEN / "peft-0.21.2" / "neumann5_bs8" / "input.safetensors")
+    a = GOLDEN / "peft-0.17.1" / "exact_bs4" / "adapter"
+    b = GOLDEN / "peft-0.21.2" / "neumann5_bs8" / "adapter"
+    case = GOLDEN / "peft-0.21.2" / "neumann5_bs8"
+    weights = [1.0, 0.5]
+    result = oftmerge.merge_adapters([a, b], weights=weights, out_dir=tmp_path / "m", allow_base_mismatch=True)
+    assert result.rotation_map.kind == "exact"
+    cfg = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
+    assert cfg["use_cayley_neumann"] is False and sorted(cfg["target_modules"]) == ["head", "sq", "tall", "wide"]
+
+    gm = golden_model()
+    base = load_file(case / "base.safetensors")
+    assert all(torch.equal(base[k], v) for k, v in load_file(GOLDEN / "peft-0.17.1" / "exact_bs4" / "base.safetensors").items())
+    rotations = {}
+    for name in ("sq", "tall", "wide", "head"):
+        width = base[f"{name}.weight"].shape[1]
+        qs = [read_full_generator(p, name, width) for p in (a, b)]
+        assert min(float(q.norm()) for q in qs) > 0.1  # non-trivial inputs
+        rotations[name] = peft_rotation(orthomerge_generator(qs, weights))
+    def model():
+        m = gm.make_model(1234)
+        m.load_state_dict(base)
+        return m.eval()
+
+    expected = rotated_copy(model(), rotations)
+    peft_model = PeftModel.from_pretrained(model(), str(tmp_path / "m")).eval()
+    inputs = load_file(case / "input.safetensors")
     with torch.no_grad():
-        out = PeftModel.from_pretrained(model, str(tmp_path / "m")).eval()(**inputs)
-    assert torch.isfinite(out).all()
+        want = expected(**inputs)
+        assert float((want - model()(**inputs)).abs().max()) > 1e-3  # the merge is not the identity
+        torch.testing.assert_close(peft_model(**inputs), want, rtol=1e-5, atol=1e-5)
+        merged = peft_model.merge_and_unload().state_dict()
+    for name, r in rotations.items():
+        torch.testing.assert_close(merged[f"{name}.weight"].double(), base[f"{name}.weight"].double() @ r.T, rtol=1e-5, atol=1e-6)

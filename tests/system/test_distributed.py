@@ -8,13 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from oftmerge.engine import distributed
 from oftmerge.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
-ADAPTERS = ROOT / "adapters"
+from helpers import ADAPTERS, ROOT
+
 LAUNCH = [
     sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
     "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "oftmerge",
@@ -47,6 +48,7 @@ def test_not_launched_means_single_process(monkeypatch):
     assert distributed.current() is None
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_same_bytes_as_one(tmp_path):
     inputs = [str(ADAPTERS / n) for n in ("oft-upper", "oft-reverse", "oft-add", "oft-sort")]
     base = str(ADAPTERS / "base")
@@ -88,6 +90,7 @@ def _finetune(base: Path, out: Path, seed: int, scale: float = 0.02) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_decouple_to_the_same_bytes(tmp_path):
     """decouple under accelerate launch: tensors split by shard (balanced by their solves), reports gathered into
     oftmerge.json, the model-wide TIES trim's histograms summed over processes: every file equal to one process's

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+from helpers import ADAPTERS
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (ADAPTERS / "base").is_dir(), reason="bundled adapters missing")
 def test_demo_reduced(tmp_path):
     from oftmerge.demo.run import run_demo

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from oftmerge.cli import main
 from oftmerge.ops.inspect import inspect_adapters, render_report
 
-from conftest import make_oft_adapter
+from helpers import make_oft_adapter, skew_from_triangles
 
 
 @pytest.fixture
@@ -22,13 +22,6 @@ def adapters(tmp_path):
     return a, b, model_a
 
 
-def _unpack(vec, b):
-    rows, cols = torch.triu_indices(b, b, 1)
-    q = torch.zeros(vec.shape[0], b, b, dtype=torch.float64)
-    q[:, rows, cols] = vec.double()
-    return q - q.transpose(-1, -2)
-
-
 def test_numbers_match_direct_computation(adapters):
     a, b, model_a = adapters
     report = inspect_adapters([a, b])
@@ -37,7 +30,7 @@ def test_numbers_match_direct_computation(adapters):
     tensors = load_file(a / "adapter_model.safetensors")
     for m in ra["modules"]:
         vec = tensors[f"base_model.model.{m['name']}.oft_R.weight"]
-        q = _unpack(vec, m["block_size"])
+        q = skew_from_triangles(vec, m["block_size"])
         assert m["q_norm"] == pytest.approx(float(q.norm()), rel=1e-12)
         assert m["block_q_norm"]["max"] == pytest.approx(float(torch.linalg.matrix_norm(q).max()), rel=1e-12)
         assert m["blocks"] == q.shape[0]
@@ -58,8 +51,8 @@ def test_cosines_and_magnitude_correction(adapters):
     cosines, cs = [], []
     for name in ("lin_sq", "lin_wide", "lin_tall"):
         key = f"base_model.model.{name}.oft_R.weight"
-        qa = -torch.block_diag(*_unpack(ta[key], 4))  # Neumann: canonical sign is -Q
-        qb = torch.block_diag(*_unpack(tb[key], 8))
+        qa = -torch.block_diag(*skew_from_triangles(ta[key], 4))  # Neumann: canonical sign is -Q
+        qb = torch.block_diag(*skew_from_triangles(tb[key], 8))
         cosines.append(float((qa * qb).sum() / (qa.norm() * qb.norm())))
         cs.append(float((qa.norm() + qb.norm()) / (qa + qb).norm()))
     pair = report["pairs"][0]
@@ -89,6 +82,8 @@ def test_shared_blocks_count_once_per_block_they_stand_for(tmp_path):
     make_oft_adapter(b, seed=2, oft_block_size=4)
     alone = inspect_adapters([a])["adapters"][0]["modules"]
     both = inspect_adapters([a, b])["adapters"][0]["modules"]
+    widths = {"lin_sq": 16, "lin_wide": 16, "lin_tall": 24}  # TinyNet's input widths
+    assert [m["name"] for m in alone] == [m["name"] for m in both] and {m["name"] for m in both} == set(widths)
     for m_alone, m_both in zip(alone, both):
-        assert m_alone["blocks"] is None and m_both["blocks"] in (4, 6)
+        assert m_alone["blocks"] is None and m_both["blocks"] == widths[m_both["name"]] // 4
         assert m_both["q_norm"] == pytest.approx(m_alone["q_norm"] * m_both["blocks"] ** 0.5, rel=1e-12)

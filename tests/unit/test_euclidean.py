@@ -9,12 +9,9 @@ from oftmerge.errors import OftMergeError
 from oftmerge.methods import available_methods
 from oftmerge.methods.euclidean import TensorContext, euclidean_methods, get_euclidean_method, trim_magnitudes
 
-F64 = torch.float64
+from helpers import F64, rand
+
 CTX = TensorContext("model.layers.0.mlp.down_proj.weight")
-
-
-def rand(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, dtype=F64, generator=torch.Generator().manual_seed(seed))
 
 
 def ones(n: int) -> torch.Tensor:

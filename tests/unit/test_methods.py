@@ -11,18 +11,12 @@ from oftmerge.linalg import cayley, polar
 from oftmerge.methods import available_methods, get_method
 from oftmerge.errors import OftMergeError
 
+from helpers import orthomerge_generator
+
 
 def skew_stack(n: int, blocks: int, b: int, seed: int, scale: float = 0.1) -> torch.Tensor:
     a = torch.randn(n, blocks, b, b, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
     return a - a.transpose(-1, -2)
-
-
-def reference_orthomerge(qs, w):
-    """Independent, literal transcription of the formula in docs/algorithm.md."""
-    flat = [q.reshape(-1) for q in qs]
-    s = sum(wi * f for wi, f in zip(w, flat))
-    m = sum(abs(wi) * f.norm() for wi, f in zip(w, flat)) / sum(abs(wi) for wi in w)
-    return (m * s / s.norm()).reshape(qs[0].shape)
 
 
 @pytest.mark.parametrize("n", [2, 3, 5])
@@ -34,7 +28,7 @@ def test_orthomerge_matches_the_paper_formula(n):
     c = sum(float(x.norm()) for x in qs) / float(s.norm())
     assert torch.allclose(q, c * s / n, atol=1e-14)  # Eq. 7-8: c * S / N
     assert stats["c"] == pytest.approx(c)
-    assert torch.allclose(q, reference_orthomerge(qs, ones.tolist()), atol=1e-14)
+    assert torch.allclose(q, orthomerge_generator(qs, ones.tolist()), atol=1e-14)
     # the merged norm is the mean input norm
     assert float(q.norm()) == pytest.approx(sum(float(x.norm()) for x in qs) / n)
 
@@ -46,9 +40,9 @@ def test_orthomerge_weights_scale_free_and_negation():
     q1, _ = m(qs, w)
     q2, _ = m(qs, 10 * w)
     assert torch.allclose(q1, q2, atol=1e-14)
-    assert torch.allclose(q1, reference_orthomerge(qs, w.tolist()), atol=1e-14)
+    assert torch.allclose(q1, orthomerge_generator(qs, w.tolist()), atol=1e-14)
     neg = torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)
-    assert torch.allclose(m(qs, neg)[0], reference_orthomerge(qs, neg.tolist()), atol=1e-14)
+    assert torch.allclose(m(qs, neg)[0], orthomerge_generator(qs, neg.tolist()), atol=1e-14)
     # negating one input of a pair is the same as merging with its inverse rotation (-Q)
     flipped = qs.clone()
     flipped[1] = -flipped[1]
@@ -59,7 +53,7 @@ def test_orthomerge_per_block_norms():
     qs = skew_stack(2, 3, 4, seed=2)
     q, _ = get_method("orthomerge")(qs, torch.ones(2, dtype=torch.float64), per_block=True)
     for k in range(3):
-        expected = reference_orthomerge(qs[:, k], [1.0, 1.0])
+        expected = orthomerge_generator(qs[:, k], [1.0, 1.0])
         assert torch.allclose(q[k], expected, atol=1e-14)
 
 

@@ -8,7 +8,6 @@ implement any OFT math beyond norms (that is the reader's job).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -18,18 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-GOLDEN = Path(__file__).resolve().parent / "fixtures" / "golden"
+from helpers import GOLDEN, golden_model
+
 RELEASES = ["0.13.2", "0.15.2", "0.17.1", "0.18.1", "0.21.2"]
-
-
-def _load_golden_model():
-    spec = importlib.util.spec_from_file_location("golden_model", GOLDEN / "golden_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-gm = _load_golden_model()
+gm = golden_model()
 
 
 def _ver(s: str) -> tuple[int, ...]:

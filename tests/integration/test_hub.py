@@ -12,12 +12,13 @@ import pytest
 import oftmerge
 from oftmerge.cli import main
 from oftmerge.errors import OftMergeError
-from oftmerge.integrations.hub import PushPlan, adapter_card, push_folder
+from oftmerge.integrations.cards import adapter_card
+from oftmerge.integrations.hub import PushPlan, push_folder
 
-from conftest import make_oft_adapter
+from helpers import GOLDEN, make_oft_adapter
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
-GOLDEN_CASE = Path(__file__).parent / "fixtures" / "golden" / "peft-0.21.2" / "embedding"
+GOLDEN_CASE = GOLDEN / "peft-0.21.2" / "embedding"
 
 
 def _sha256(path: Path) -> str:

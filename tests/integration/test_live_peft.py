@@ -10,7 +10,7 @@ import oftmerge
 import oftmerge.peft  # noqa: F401  (enables PeftModel.merge_oft_adapters)
 from oftmerge.errors import AdapterFormatError, OftMergeError
 
-from conftest import TinyNet, load_peft, make_oft_adapter
+from helpers import TinyNet, load_peft, make_oft_adapter, orthomerge_generator, peft_rotation, read_full_generator, rotated_copy
 
 
 @pytest.fixture
@@ -58,15 +58,28 @@ def test_adapters_trained_in_session(tmp_path, ids):
         for name, p in model.named_parameters():
             if "oft_R" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    model.save_pretrained(str(tmp_path / "inputs"), selected_adapters=["x", "y"])  # for the reference below
     result = model.merge_oft_adapters(["x", "y"], adapter_name="xy")
     assert set(result.modules) == {"lin_sq", "lin_tall"}
-    assert result.modules["lin_tall"].inputs == (0,) or len(result.modules["lin_tall"].inputs) == 1
+    assert sorted(result.modules["lin_sq"].inputs) == [0, 1]
+    (only,) = result.modules["lin_tall"].inputs
+    assert result.inputs[only].modules == 2  # x, the one adapter with lin_tall (y adapts lin_sq alone)
+    assert result.config["use_cayley_neumann"] is True and result.config["num_cayley_neumann_terms"] == 5
     model.set_adapter("xy")
     model.save_pretrained(str(tmp_path / "saved"), selected_adapters=["xy"])
-    with torch.no_grad():
-        assert torch.isfinite(model(ids)).all()
     saved = load_file(tmp_path / "saved" / "xy" / "adapter_model.safetensors")
     assert set(saved) == set(result.tensors)
+    # independent reference: OrthoMerge (Eq. 7-8) of the full generators for lin_sq, x's own for lin_tall,
+    # through PEFT's 5-term series
+    qx = {n: read_full_generator(tmp_path / "inputs" / "x", n, w) for n, w in (("lin_sq", 16), ("lin_tall", 24))}
+    qy = read_full_generator(tmp_path / "inputs" / "y", "lin_sq", 16)
+    expected = rotated_copy(TinyNet(0).eval(), {
+        "lin_sq": peft_rotation(orthomerge_generator([qx["lin_sq"], qy], [1.0, 1.0]), neumann_terms=5),
+        "lin_tall": peft_rotation(qx["lin_tall"], neumann_terms=5),
+    })
+    with torch.no_grad():
+        assert float((expected(ids) - TinyNet(0)(ids)).abs().max()) > 1e-3  # not the identity
+        torch.testing.assert_close(model(ids), expected(ids), rtol=1e-5, atol=1e-5)
 
 
 def test_live_errors(three):

@@ -12,9 +12,17 @@ from safetensors.torch import load_file
 
 import oftmerge
 from oftmerge.kernels.fold import adapter_rotation, fold_weight
-from oftmerge.linalg import cayley, neumann_series
 
-from conftest import TinyNet, load_peft, make_oft_adapter
+from helpers import (
+    TinyNet,
+    load_peft,
+    make_oft_adapter,
+    orthomerge_generator,
+    peft_neumann,
+    peft_rotation,
+    read_full_generator,
+    rotated_copy,
+)
 
 CASES = {
     "neumann5": dict(oft_block_size=4),
@@ -74,21 +82,6 @@ def test_fold_equals_peft_merge_and_unload(tmp_path, case):
         assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6), name
 
 
-def _full_generator(adapter, name, width):
-    """Independent: the whole (width x width) block-diagonal generator in canonical sign."""
-    raw = load_file(adapter.weights_path)[adapter.modules[name].key].double()
-    b = adapter.modules[name].block_size
-    rows, cols = torch.triu_indices(b, b, 1)
-    blocks = torch.zeros(raw.shape[0], b, b, dtype=torch.float64)
-    blocks[:, rows, cols] = raw
-    blocks = blocks - blocks.transpose(-1, -2)
-    if adapter.modules[name].shared:
-        blocks = blocks.expand(width // b, b, b)
-    if adapter.modules[name].coft_radius is not None:
-        pytest.skip("independent generator does not re-implement COFT")
-    return torch.block_diag(*blocks) * adapter.rotation_map.sign
-
-
 def test_merged_adapter_matches_independent_full_matrix_merge(tmp_path, ids):
     """Block sizes 4 (Neumann) and 8 (exact), three inputs with weights: PEFT runs our output and agrees with
     a from-scratch full-matrix implementation of the formula."""
@@ -102,15 +95,12 @@ def test_merged_adapter_matches_independent_full_matrix_merge(tmp_path, ids):
     assert cfg["oft_block_size"] == 8 and cfg["use_cayley_neumann"] is False
     model = _loads_cleanly(tmp_path / "m")
     base = TinyNet(0).state_dict()
-    expected_model = TinyNet(0)
+    rotations = {}
     for name in ("lin_sq", "lin_wide", "lin_tall"):
         width = base[f"{name}.weight"].shape[1]
-        qs = [_full_generator(oftmerge.read_adapter(p), name, width) for p in (a, b, c)]
-        s = sum(w * q for w, q in zip(weights, qs))
-        m = sum(abs(w) * q.norm() for w, q in zip(weights, qs)) / sum(map(abs, weights))
-        r = cayley((m * s / s.norm()).unsqueeze(0))[0]
-        with torch.no_grad():
-            getattr(expected_model, name).weight.copy_(base[f"{name}.weight"].double() @ r.T)
+        qs = [read_full_generator(p, name, width) for p in (a, b, c)]
+        rotations[name] = peft_rotation(orthomerge_generator(qs, weights))
+    expected_model = rotated_copy(TinyNet(0), rotations)
     with torch.no_grad():
         assert torch.allclose(model(ids), expected_model(ids), rtol=1e-5, atol=1e-5)
 
@@ -142,8 +132,18 @@ def test_union_of_targets_keeps_single_adapter_modules(tmp_path, ids):
     assert cfg["target_modules"] == ["lin_sq", "lin_tall"]
     key = "base_model.model.lin_tall.oft_R.weight"
     assert torch.equal(result.tensors[key], load_file(b / "adapter_model.safetensors")[key])
-    assert result.modules["lin_sq"].inputs == (0, 1) or len(result.modules["lin_sq"].inputs) == 2
-    _loads_cleanly(tmp_path / "m")(ids)
+    assert result.modules["lin_sq"].inputs == (0, 1)
+    (only,) = result.modules["lin_tall"].inputs
+    assert result.inputs[only].path == str(b)
+    assert cfg["use_cayley_neumann"] is True and cfg["num_cayley_neumann_terms"] == 5
+    # independent reference: lin_sq merged by Eq. 7-8 over the full generators, lin_tall b's own, lin_wide untouched
+    q_sq = orthomerge_generator([read_full_generator(p, "lin_sq", 16) for p in (a, b)], [1.0, 1.0])
+    expected = rotated_copy(TinyNet(0).eval(), {
+        "lin_sq": peft_rotation(q_sq, neumann_terms=5),
+        "lin_tall": peft_rotation(read_full_generator(b, "lin_tall", 24), neumann_terms=5),
+    })
+    with torch.no_grad():
+        torch.testing.assert_close(_loads_cleanly(tmp_path / "m")(ids), expected(ids), rtol=1e-5, atol=1e-5)
 
 
 def test_permuting_inputs_gives_identical_bytes(tmp_path):
@@ -189,7 +189,7 @@ def test_neumann_output_keeps_the_inputs_series(tmp_path):
     assert result.rotation_map.terms == 3
     merged = oftmerge.read_adapter(tmp_path / "m")
     q = merged.generator("lin_sq")
-    assert torch.allclose(adapter_rotation(merged, "lin_sq"), neumann_series(q, 3, "0.18"))
+    assert torch.allclose(adapter_rotation(merged, "lin_sq"), peft_neumann(q, 3))
 
 
 def test_block_share_merge_stays_shared(tmp_path, ids):
@@ -211,15 +211,12 @@ def test_block_share_with_unshared_expands(tmp_path, ids):
     model = _loads_cleanly(tmp_path / "m")
     # the shared adapter's generator, expanded, merged with b's: compare with the independent formula
     base = TinyNet(0).state_dict()
-    expected = TinyNet(0)
+    rotations = {}
     for name in ("lin_sq", "lin_wide", "lin_tall"):
         width = base[f"{name}.weight"].shape[1]
-        qs = [_full_generator(oftmerge.read_adapter(p), name, width) for p in (a, b)]
-        s = qs[0] + qs[1]
-        q = (qs[0].norm() + qs[1].norm()) / 2 * s / s.norm()
-        r = neumann_series(-q.unsqueeze(0), 5, "0.18")[0]  # stored sign of the Neumann output is -canonical
-        with torch.no_grad():
-            getattr(expected, name).weight.copy_(base[f"{name}.weight"].double() @ r.T)
+        qs = [read_full_generator(p, name, width) for p in (a, b)]
+        rotations[name] = peft_rotation(orthomerge_generator(qs, [1.0, 1.0]), neumann_terms=5)
+    expected = rotated_copy(TinyNet(0), rotations)
     with torch.no_grad():
         assert torch.allclose(model(ids), expected(ids), rtol=1e-5, atol=1e-5)
 
