@@ -9,8 +9,10 @@ only on purpose, with the reason in the commit message.
 
 The cases use the CLI (``python -m oftmerge``) on ``adapters/`` plus two LoRA adapters and one full
 finetune of ``adapters/base`` made here from fixed seeds. Text outputs are hashed with the run's
-temporary directory and the repository root replaced by ``<tmp>`` and ``<repo>``, so the record does
-not depend on where the repository is checked out.
+temporary directory and the repository root replaced by ``<tmp>`` and ``<repo>``. The inputs are
+copied into the temporary directory first, with ``base_model_name_or_path`` set to a fixed name (the
+bundled configs record a path of the machine they were trained on), so the record does not depend on
+where the repository is checked out.
 """
 
 from __future__ import annotations
@@ -26,9 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "tests" / "fixtures" / "reference_outputs.json"
-A = ROOT / "adapters"
-OFT = [str(A / f"oft-{t}") for t in ("upper", "reverse", "sort", "add")]
-BASE = str(A / "base")
+OFT = [f"{{tmp}}/adapters/oft-{t}" for t in ("upper", "reverse", "sort", "add")]
+BASE = "{tmp}/adapters/base"
 LEGACY = [ROOT / "tests" / "fixtures" / "golden" / f"peft-{v}" for v in ("0.13.2", "0.15.2", "0.17.1")]
 
 #: case -> CLI arguments ({tmp} is the run's temporary directory, {out} the case's output)
@@ -66,6 +67,19 @@ def _convert_cases() -> dict[str, list[str]]:
     return cases
 
 
+def copy_inputs(tmp: Path) -> None:
+    """The bundled base and OFT adapters under ``tmp/adapters``, their configs naming the base ``tiny-base``."""
+    import shutil
+
+    src = ROOT / "adapters"
+    shutil.copytree(src / "base", tmp / "adapters" / "base")
+    for d in sorted(src.glob("oft-*")):
+        shutil.copytree(d, tmp / "adapters" / d.name)
+        config = json.loads((d / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = "tiny-base"
+        (tmp / "adapters" / d.name / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def make_experts(tmp: Path) -> None:
     """Two LoRA adapters and one full finetune of the bundled base, from fixed seeds (no training)."""
     import torch
@@ -77,7 +91,7 @@ def make_experts(tmp: Path) -> None:
     import warnings
 
     for k, name in enumerate(("lora-a", "lora-b")):
-        model = AutoModelForCausalLM.from_pretrained(BASE)
+        model = AutoModelForCausalLM.from_pretrained(tmp / "adapters" / "base")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
@@ -89,11 +103,11 @@ def make_experts(tmp: Path) -> None:
         peft_model.save_pretrained(str(tmp / name))
     full = tmp / "full-c"
     full.mkdir()
-    for f in Path(BASE).iterdir():
+    for f in (tmp / "adapters" / "base").iterdir():
         if f.is_file() and f.name != "model.safetensors":
             shutil.copyfile(f, full / f.name)
     g = torch.Generator().manual_seed(7)
-    tensors = load_file(str(Path(BASE) / "model.safetensors"))
+    tensors = load_file(str(tmp / "adapters" / "base" / "model.safetensors"))
     out = {k: (t + 0.01 * torch.randn(t.shape, generator=g).to(t.dtype)) if t.is_floating_point() else t for k, t in sorted(tensors.items())}
     save_file(out, str(full / "model.safetensors"), metadata={"format": "pt"})
 
@@ -116,6 +130,7 @@ def run_cases(cases: dict[str, list[str]] | None = None) -> dict[str, dict[str, 
     record: dict[str, dict[str, str]] = {}
     with tempfile.TemporaryDirectory(prefix="oftmerge-reference-") as t:
         tmp = Path(t).resolve()
+        copy_inputs(tmp)
         make_experts(tmp)
         for name, args in cases.items():
             out = tmp / "out" / name

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from oftmerge.cli.common import add_report_arguments, parse_options, parse_weights, print_report, progress_line, require_output
 
 EPILOG = """examples:
   oftmerge decouple --base base lora-a lora-b full-c -o merged
@@ -18,45 +19,36 @@ tensors that are not 2-D use the Euclidean method alone. docs/decoupling.md has 
 
 
 def _cmd_decouple(args: argparse.Namespace) -> int:
-    from oftmerge.cli import _parse_options, _parse_weights, _progress, require_output
-    from oftmerge.ops.decouple import decouple_merge
+    from oftmerge.config import DecoupleConfig, RunOptions
+    from oftmerge.ops.decouple import run_decouple
 
     require_output(args)
-    result = decouple_merge(
-        args.base,
-        args.experts,
-        euclidean=args.euclidean,
-        orthogonal=None if args.orthogonal == "none" else args.orthogonal,
-        target=args.target,
-        procrustes=args.procrustes,
-        weights=_parse_weights(args.weights),
-        euclidean_options=_parse_options(args.option),
-        orthogonal_options=_parse_options(args.orthogonal_option),
-        max_rotation=args.max_rotation,
-        on_domain_error=args.on_domain_error,
-        euclidean_only=args.euclidean_only,
-        out_dir=args.output,
-        overwrite=args.overwrite,
-        shard_size=args.shard_size,
-        dry_run=args.dry_run,
-        threads=args.threads,
-        progress=_progress(not args.quiet),
-    )
-    if args.json:
-        data = result.provenance()
-        data["output"] = str(result.out_dir) if result.out_dir else None
-        data["dry_run"] = args.dry_run
-        data["plan"] = result.plan
-        print(json.dumps(data, indent=2, sort_keys=True))
-    elif not args.quiet:
-        print(result.summary(max_rows=args.show))
-        print("dry run: nothing written" if args.dry_run else f"wrote {result.out_dir}")
+    config = DecoupleConfig(
+        args.base, tuple(args.experts), euclidean=args.euclidean, orthogonal=None if args.orthogonal == "none" else args.orthogonal,
+        target=args.target, procrustes=args.procrustes, weights=parse_weights(args.weights),
+        euclidean_options=parse_options(args.option), orthogonal_options=parse_options(args.orthogonal_option),
+        max_rotation=args.max_rotation, on_domain_error=args.on_domain_error, euclidean_only=tuple(args.euclidean_only),
+    )  # fmt: skip
+    run = RunOptions(threads=args.threads, shard_size=args.shard_size, overwrite=args.overwrite, dry_run=args.dry_run,
+                     progress=progress_line(not args.quiet))  # fmt: skip
+    result = run_decouple(config, run, None if args.dry_run else args.output)
+
+    def data() -> dict:
+        d = result.provenance()
+        d["output"] = str(result.out_dir) if result.out_dir else None
+        d["dry_run"] = args.dry_run
+        d["plan"] = result.plan
+        return d
+
+    def text() -> str:
+        return result.summary(max_rows=args.show) + "\n" + ("dry run: nothing written" if args.dry_run else f"wrote {result.out_dir}")
+
+    print_report(args, data=data, text=text)
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from oftmerge.cli import add_report_arguments
-    from oftmerge.ops.decouple import ON_DOMAIN_ERROR, TARGETS, MAX_ROTATION
+    from oftmerge.methods.decoupling import MAX_ROTATION, ON_DOMAIN_ERROR, TARGETS
     from oftmerge.linalg.procrustes import SOLVERS
     from oftmerge.methods import available_methods
     from oftmerge.methods.euclidean import euclidean_methods

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from oftmerge.cli.common import add_report_arguments, print_report, progress_line, require_output
 
 EPILOG_FOLD = """examples:
   oftmerge fold adapters/oft-upper --base base-model -o folded
@@ -22,37 +23,29 @@ EPILOG_PUSH = """examples:
 
 
 def _cmd_fold(args: argparse.Namespace) -> int:
-    from oftmerge.engine import distributed
-    from oftmerge.cli import _progress, require_output
-    from oftmerge.ops.fold import fold_adapter
+    from oftmerge.config import FoldConfig, RunOptions
+    from oftmerge.ops.fold import run_fold
 
     require_output(args)
-    result = fold_adapter(
-        args.adapter,
-        args.base,
-        args.output,
-        shard_size=args.shard_size,
-        overwrite=args.overwrite,
-        peft_release=args.peft_release,
-        dry_run=args.dry_run,
-        hash_base=args.hash_base,
-        push_to_hub=args.push_to_hub,
-        private=args.private,
-        threads=args.threads,
-        progress=_progress(not args.quiet),
-    )
-    if not distributed.is_main():  # under accelerate launch only the main process reports
-        return 0
-    if args.json:
-        data = result.provenance()
-        data.update(output=str(result.out_dir) if result.out_dir else None, dry_run=args.dry_run, shards=result.shards)
-        print(json.dumps(data, indent=2, sort_keys=True))
-    elif not args.quiet:
-        print(result.summary(max_modules=args.show))
+    config = FoldConfig(args.adapter, args.base, peft_release=args.peft_release, hash_base=args.hash_base,
+                        push_to_hub=args.push_to_hub, private=args.private)  # fmt: skip
+    run = RunOptions(threads=args.threads, shard_size=args.shard_size, overwrite=args.overwrite, dry_run=args.dry_run,
+                     progress=progress_line(not args.quiet))  # fmt: skip
+    result = run_fold(config, run, None if args.dry_run else args.output)
+
+    def data() -> dict:
+        d = result.provenance()
+        d.update(output=str(result.out_dir) if result.out_dir else None, dry_run=args.dry_run, shards=result.shards)
+        return d
+
+    def text() -> str:
         if args.dry_run:
-            print(f"dry run: nothing written (would write {result.total_bytes / 1e6:.2f} MB in {len(result.shards)} shard(s))")
+            done = f"dry run: nothing written (would write {result.total_bytes / 1e6:.2f} MB in {len(result.shards)} shard(s))"
         else:
-            print(f"wrote {result.out_dir}" + (f"; pushed to {args.push_to_hub}" if args.push_to_hub else ""))
+            done = f"wrote {result.out_dir}" + (f"; pushed to {args.push_to_hub}" if args.push_to_hub else "")
+        return result.summary(max_modules=args.show) + "\n" + done
+
+    print_report(args, data=data, text=text)
     return 0
 
 
@@ -69,8 +62,6 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from oftmerge.cli import add_report_arguments
-
     f = sub.add_parser(
         "fold",
         help="fold an OFT adapter into its base model and write a full transformers model",

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from oftmerge.cli.common import print_report
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from oftmerge.ops.inspect import inspect_adapters, render_report
 
     report = inspect_adapters(args.adapters, base=args.base, peft_release=args.peft_release)
-    print(json.dumps(report, indent=2, sort_keys=True) if args.json else render_report(report, max_modules=args.show))
+    print_report(args, data=lambda: report, text=lambda: render_report(report, max_modules=args.show))
     return 0
 
 

@@ -1,10 +1,9 @@
-"""Low-level file I/O: lazy tensor sources and atomic output directories.
+"""Low-level file I/O: lazy tensor sources, hashes, JSON, and atomic single-file writes.
 
 * :class:`TensorFile` reads one tensor at a time from a ``.safetensors`` file
   (``safe_open``) or, safely (``weights_only=True``), from a PyTorch ``.bin``.
-* :func:`atomic_directory` builds an output directory under a temporary name
-  beside the target and moves it into place only when everything was written,
-  so a failed or killed run never leaves something that looks complete.
+* Output *directories* are committed by :mod:`oftmerge.engine.commit`, the one
+  place every command's output goes through.
 """
 
 from __future__ import annotations
@@ -12,17 +11,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from oftmerge.errors import AdapterFormatError, OutputExistsError
+from oftmerge.errors import AdapterFormatError
 
-__all__ = ["TensorDict", "TensorFile", "atomic_directory", "content_hash", "sha256_file", "atomic_write_bytes", "read_json", "write_json_atomic"]
+__all__ = ["TensorDict", "TensorFile", "content_hash", "sha256_file", "atomic_write_bytes", "fsync_dir", "read_json", "write_json_atomic"]
 
 
 _SAFETENSORS_DTYPES = {
@@ -167,7 +164,7 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -193,41 +190,3 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory that becomes ``target`` on success.
-
-    The temporary directory lives beside ``target`` (same file system, so the
-    final move is a rename). On any exception it is removed and ``target`` is
-    untouched. An existing ``target`` raises :class:`OutputExistsError` unless
-    ``overwrite`` is true; then it is replaced only after the new one is
-    complete (moved aside, the new one renamed in, the old one deleted).
-    """
-    target = Path(target).absolute()
-    if target.exists() and not overwrite:
-        raise OutputExistsError(
-            f"{target}: already exists; choose another output path or pass overwrite=True (--overwrite)"
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
-    try:
-        yield tmp
-        for child in tmp.iterdir():
-            if child.is_file():
-                with open(child, "rb") as f:
-                    os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-            os.rmdir(old)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -39,10 +39,10 @@ import torch
 
 from oftmerge.errors import AdapterFormatError, IncompatibleAdaptersError, NumericalError
 from oftmerge.formats.io import TensorFile, read_json
+from oftmerge.formats.peft_oft import KEY_PREFIX
 
 __all__ = ["LoraAdapter", "LoraModule", "UnsupportedLoraError", "is_lora_adapter", "read_lora"]
 
-KEY_PREFIX = "base_model.model."
 _WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 _FACTOR_SUFFIXES = {
     ".lora_A.weight": ("A", "linear"),

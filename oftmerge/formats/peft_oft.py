@@ -51,7 +51,7 @@ _SUFFIXES = {
 }
 _SCALE_SUFFIX = ".oft_s"
 _BASE_COPY_SUFFIX = ".base_layer.weight"
-_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def release_family(version: str) -> Release:
@@ -193,11 +193,11 @@ class OftAdapter:
 
 
 def _find_weights(path: Path) -> Path:
-    for name in _WEIGHT_FILES:
+    for name in WEIGHT_FILES:
         if (path / name).is_file():
             return path / name
     raise AdapterFormatError(
-        f"{path}: no adapter weights found (looked for {', '.join(_WEIGHT_FILES)}). "
+        f"{path}: no adapter weights found (looked for {', '.join(WEIGHT_FILES)}). "
         "Point oftmerge at the directory that `save_pretrained` wrote."
     )
 
@@ -273,7 +273,7 @@ def read_adapter(
     """
     path = Path(path)
     if not path.is_dir():
-        if path.name in _WEIGHT_FILES or path.name == "adapter_config.json":
+        if path.name in WEIGHT_FILES or path.name == "adapter_config.json":
             path = path.parent
         else:
             raise AdapterFormatError(f"{path}: not a directory; pass the adapter directory that save_pretrained wrote")
@@ -443,3 +443,4 @@ def _check_against_base(
             f"(rotated width {width}); the adapter belongs to another base model"
         )
     return width if release != "0.13" else (features if features is not None else width)
+

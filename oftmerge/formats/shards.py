@@ -1,15 +1,12 @@
-"""Write model checkpoints the way ``transformers`` does, streaming: sharded safetensors and whole model directories.
+"""The ``transformers`` checkpoint layout: sharded safetensors, the index, tied embeddings, copied files.
 
-Two pieces, both deterministic (the same tensors in the same order give the
-same bytes) and both safe to kill at any moment when used inside
-:func:`oftmerge.formats.io.atomic_directory` (which :func:`write_model` does).
+:class:`ShardedWriter` writes tensors into a directory, one at a time, deterministically (the same
+tensors in the same order give the same bytes)::
 
-:class:`ShardedWriter` writes tensors into a directory, one at a time::
-
-    from oftmerge.formats.io import atomic_directory
+    from oftmerge.engine.commit import output_directory
     from oftmerge.formats.shards import ShardedWriter
 
-    with atomic_directory("out") as tmp:
+    with output_directory("out") as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes="2GB")
         for name, tensor in tensors():       # any iterable, any order you like
             writer.add(name, tensor)         # buffered; a shard is written when the next tensor would not fit
@@ -33,80 +30,40 @@ same bytes) and both safe to kill at any moment when used inside
   as it is added (only one tensor is in memory); ``add`` must then follow
   ``layout``'s order. Both modes write the same bytes.
 
-:func:`write_model` streams a whole base model directory through a function::
-
-    from oftmerge.formats.shards import write_model
-
-    def tensor_fn(name, tensor):             # called once per tensor, in the checkpoint's order
-        return tensor * 2 if name.endswith("mlp.down_proj.weight") else tensor
-
-    write_model("base-model", "out-model", tensor_fn, shard_size="2GB",
-                only=lambda name: name.endswith("mlp.down_proj.weight"))
-
-* Every tensor of the base (:class:`~oftmerge.formats.checkpoint.Checkpoint`:
-  one file, sharded, or ``.bin``) is written in the base's order (shard by
-  shard, in file order). ``tensor_fn``
-  must return a tensor of the same shape and dtype (the shard headers are
-  planned from the base); return ``None`` to keep the tensor as it is.
-* ``only`` (a predicate on names, or a collection of names) says which tensors
-  ``tensor_fn`` needs to see; every other tensor is copied byte for byte from
-  the base's safetensors files, never decoded.
-* ``tensor_fn`` runs in the calling thread, once per tensor, in order; a reader
-  thread loads the next two tensors meanwhile and a writer thread writes the
-  previous result, so memory holds a few tensors, never a shard.
-* Non-weight files of the base (``config.json``, ``generation_config.json``,
-  tokenizer files, chat templates, ...: top-level regular files that are not
-  weights, not hidden, at most :data:`MAX_COPIED_FILE_BYTES`) are copied;
-  ``extra_files`` (name -> bytes or str) are written last and win.
-* Tied embeddings (:func:`tied_embeddings` finds the pair): a base whose
-  config ties the output embedding to the input one and whose checkpoint
-  stores only the input embedding keeps it that way: no ``lm_head.weight`` is
-  invented. A caller that changes only one side of a tied pair passes
-  ``untie=(source, target)``: ``target`` is added (after the base's tensors)
-  as ``tensor_fn(target, <source as stored in the base>)``, and
-  ``tie_word_embeddings`` is set to ``false`` in ``config.json`` so
-  ``transformers`` keeps the two apart on loading. (When the base stores
-  both, pass ``config_updates={"tie_word_embeddings": False}`` instead.)
-* The output appears all at once: it is built in a temporary directory beside
-  ``out_dir`` (``.<name>.partial-*``) and renamed into place at the end. An
-  existing ``out_dir`` raises :class:`~oftmerge.errors.OutputExistsError`
-  unless ``overwrite``. A run that is killed (SIGKILL, power loss) cannot
-  clean up; its temporary directory holds a marker with its process id, and
-  the next :func:`write_model` to the same ``out_dir`` deletes it once that
-  process is gone.
-* :func:`plan_model` returns the shards :func:`write_model` would write
-  (names, dtypes, shapes), for dry runs.
+:func:`plan_model` gives the shards a copy of a base model is cut into (names, dtypes, shapes),
+:func:`tied_embeddings` the tied input/output embedding pair, :func:`copy_model_files` copies the
+non-weight files (config, tokenizer, ...). The streaming model writer built on them is
+:func:`oftmerge.engine.model.write_model`.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
 import shutil
 import struct
-from collections import deque
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 import torch
 
 from oftmerge.errors import OftMergeError
 from oftmerge.formats.checkpoint import Checkpoint, RawTensor
-from oftmerge.formats.io import atomic_directory
 
 __all__ = [
     "MAX_COPIED_FILE_BYTES",
     "ShardedWriter",
     "TensorInfo",
+    "copy_model_files",
     "parse_size",
     "plan_model",
+    "shard_index",
+    "shard_names",
     "tied_embeddings",
-    "write_model",
+    "write_index",
 ]
 
 log = logging.getLogger(__name__)
@@ -135,11 +92,6 @@ _DTYPE_NAMES: dict[torch.dtype, str] = {
 }
 _ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _COPY_CHUNK = 64 * 2**20
-#: write_model reads this many tensors ahead of the one being computed.
-_READ_AHEAD = 2
-#: write_model's shards are flushed to disk (fdatasync) every this many bytes, in the writer thread,
-#: so that the final fsync of the atomic rename has little left to do.
-_SYNC_EVERY = 256 * 2**20
 
 
 def parse_size(size: int | str) -> int:
@@ -242,6 +194,30 @@ def _copy_raw(f: BinaryIO, raw: RawTensor) -> None:
                 raise OftMergeError(f"{raw.path}: file ends inside a tensor; it is truncated")
             f.write(chunk)
             remaining -= len(chunk)
+
+
+
+def shard_names(count: int) -> list[str]:
+    """File names of ``count`` shards: ``model.safetensors`` alone, else ``model-0000k-of-0000N.safetensors``."""
+    return [SINGLE_FILE] if count == 1 else [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
+
+
+def shard_index(shards: Sequence[Sequence[TensorInfo]]) -> dict[str, Any]:
+    """The ``model.safetensors.index.json`` content of these shards (``transformers``' layout)."""
+    names = shard_names(len(shards))
+    weight_map = {e.name: names[k] for k, shard in enumerate(shards) for e in shard}
+    return {
+        "metadata": {
+            "total_parameters": sum(e.numel for s in shards for e in s),
+            "total_size": sum(e.nbytes for s in shards for e in s),
+        },
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+
+
+def write_index(directory: Path, index: Mapping[str, Any]) -> None:
+    with open(directory / INDEX_FILE, "w", encoding="utf-8") as f:
+        f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _split(entries: Iterable[TensorInfo], max_bytes: int) -> list[list[TensorInfo]]:
@@ -388,21 +364,12 @@ class ShardedWriter:
         elif self._pending or not self._done:
             self._flush()
         self._closed = True
-        count = len(self._done)
-        names = [SINGLE_FILE] if count == 1 else [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
+        names = shard_names(len(self._done))
         for k, final in enumerate(names):
             os.replace(self._temp_name(k), self.directory / final)
-        weight_map = {e.name: names[k] for k, shard in enumerate(self._done) for e in shard}
-        index = {
-            "metadata": {
-                "total_parameters": sum(e.numel for s in self._done for e in s),
-                "total_size": sum(e.nbytes for s in self._done for e in s),
-            },
-            "weight_map": dict(sorted(weight_map.items())),
-        }
-        if count > 1:
-            with open(self.directory / INDEX_FILE, "w", encoding="utf-8") as f:
-                f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        index = shard_index(self._done)
+        if len(names) > 1:
+            write_index(self.directory, index)
         return index
 
     def abort(self) -> None:
@@ -504,7 +471,8 @@ def _updated_config(base_dir: Path, updates: Mapping[str, Any]) -> bytes:
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
-def _copy_small_files(base_dir: Path, tmp: Path, config_updates: Mapping[str, Any]) -> list[str]:
+def copy_model_files(base_dir: Path, tmp: Path, config_updates: Mapping[str, Any]) -> list[str]:
+    """Copy the base's non-weight files (config, tokenizer, ...) into ``tmp``, ``config_updates`` set in ``config.json``."""
     copied = []
     for src in sorted(base_dir.iterdir()):
         if src.name.startswith(".") or not src.is_file() or _is_weight_file(src.name):
@@ -541,146 +509,3 @@ def plan_model(
         else:
             layout.append(TensorInfo(key, _dtype_name(ckpt.get(src), src), ckpt.shape(src)))
     return _split(layout, parse_size(shard_size))
-
-
-def _marker(tmp: Path) -> Path:
-    """The file beside a temporary output directory that names the process writing it."""
-    return tmp.with_name(tmp.name + ".pid")
-
-
-def _remove_stale_partials(target: Path) -> None:
-    """Delete temporary directories of earlier runs for ``target`` whose writer process is gone (killed)."""
-    if not target.parent.is_dir():
-        return
-    for marker in target.parent.glob(f".{target.name}.partial-*.pid"):
-        try:
-            pid = int(marker.read_text())
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            tmp = marker.with_name(marker.name[: -len(".pid")])
-            log.info("removing %s, left by a run that was killed (pid %d)", tmp, pid)
-            shutil.rmtree(tmp, ignore_errors=True)
-            marker.unlink(missing_ok=True)
-        except (OSError, ValueError):  # unreadable, or the process is alive (or not ours to signal)
-            continue
-
-
-def write_model(
-    base_dir: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    tensor_fn: Callable[[str, torch.Tensor], torch.Tensor | None],
-    *,
-    shard_size: int | str = "5GB",
-    overwrite: bool = False,
-    extra_files: Mapping[str, bytes | str] | None = None,
-    only: Callable[[str], bool] | Collection[str] | None = None,
-    untie: tuple[str, str] | None = None,
-    config_updates: Mapping[str, Any] | None = None,
-    metadata: Mapping[str, str] | None = None,
-    progress: Callable[[int, int, str], None] | None = None,
-) -> Path:
-    """Write a copy of model directory ``base_dir`` to ``out_dir`` with every tensor passed through ``tensor_fn``.
-
-    See the module docstring for the rules (order, ``only``, copied files,
-    tied embeddings, atomicity). ``config_updates`` are set in the copied
-    ``config.json``; ``metadata`` is added to every shard's header;
-    ``progress(done, total, name)`` is called after each tensor. Returns
-    ``out_dir`` (absolute).
-    """
-    base_dir = Path(base_dir)
-    ckpt = Checkpoint(base_dir)
-    out = Path(out_dir).absolute()
-    if out == base_dir.absolute() or base_dir.absolute().is_relative_to(out):
-        raise OftMergeError(f"{out}: the output would replace the base model {base_dir}; choose another output directory")
-    if only is None:
-        wanted: Callable[[str], bool] = lambda name: True  # noqa: E731
-    else:
-        wanted = only if callable(only) else set(only).__contains__
-    shards = plan_model(ckpt, shard_size, untie=untie)
-    layout = [info for shard in shards for info in shard]
-    updates = dict(config_updates or {})
-    if untie is not None:
-        updates["tie_word_embeddings"] = False
-    _remove_stale_partials(out)
-    marker: Path | None = None
-    try:
-        with atomic_directory(out, overwrite=overwrite) as tmp:
-            marker = _marker(tmp)
-            marker.write_text(str(os.getpid()))
-            _write_tensors(ckpt, tmp, layout, tensor_fn, wanted, untie, shard_size, metadata, progress)
-            _copy_small_files(base_dir, tmp, updates)
-            for name, data in (extra_files or {}).items():
-                (tmp / name).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-    finally:
-        if marker is not None:
-            marker.unlink(missing_ok=True)
-    return out
-
-
-def _write_tensors(
-    ckpt: Checkpoint,
-    tmp: Path,
-    layout: list[TensorInfo],
-    tensor_fn: Callable[[str, torch.Tensor], torch.Tensor | None],
-    wanted: Callable[[str], bool],
-    untie: tuple[str, str] | None,
-    shard_size: int | str,
-    metadata: Mapping[str, str] | None,
-    progress: Callable[[int, int, str], None] | None,
-) -> None:
-    """Stream every tensor of ``layout`` into shards in ``tmp`` (see :func:`write_model`).
-
-    Three stages overlap: a reader thread loads the next tensors (at most
-    :data:`_READ_AHEAD`), this thread runs ``tensor_fn``, a writer thread
-    writes the previous result (one at a time, in order). File I/O and torch
-    release the GIL, so reading, computing and writing proceed together while
-    memory holds a few tensors, not a shard.
-    """
-    writer = ShardedWriter(tmp, max_shard_bytes=shard_size, metadata=metadata, layout=layout, sync_every=_SYNC_EVERY)
-
-    def load(info: TensorInfo) -> tuple[RawTensor | None, torch.Tensor | None]:
-        src = untie[0] if untie is not None and info.name == untie[1] else info.name
-        raw = ckpt.raw(src)
-        return raw, (ckpt.read(src) if wanted(info.name) or raw is None else None)
-
-    def store(info: TensorInfo, raw: RawTensor | None, new: torch.Tensor | None) -> None:
-        if new is None:
-            writer.add_raw(info.name, raw)  # type: ignore[arg-type]
-        else:
-            writer.add(info.name, new)
-
-    try:
-        with ThreadPoolExecutor(1, "oftmerge-read") as reads, ThreadPoolExecutor(1, "oftmerge-write") as writes:
-            ahead = iter(layout)
-            loading = deque((info, reads.submit(load, info)) for info in itertools.islice(ahead, _READ_AHEAD))
-            writing: Future[None] | None = None
-            done = 0
-            while loading:
-                info, future = loading.popleft()
-                nxt = next(ahead, None)
-                if nxt is not None:
-                    loading.append((nxt, reads.submit(load, nxt)))
-                raw, tensor = future.result()
-                new = None
-                if tensor is not None:
-                    new = tensor_fn(info.name, tensor)
-                    if new is not None and (tuple(new.shape) != info.shape or new.dtype != tensor.dtype):
-                        raise OftMergeError(
-                            f"tensor_fn changed {info.name!r} from {tensor.dtype} {list(info.shape)} to {new.dtype} "
-                            f"{list(new.shape)}; write_model keeps shapes and dtypes (use ShardedWriter directly otherwise)"
-                        )
-                    new = tensor if new is None and raw is None else new
-                    del tensor
-                if writing is not None:
-                    writing.result()  # one write in flight; re-raises its error
-                writing = writes.submit(store, info, raw, new)
-                del new
-                done += 1
-                if progress is not None:
-                    progress(done, len(layout), info.name)
-            if writing is not None:
-                writing.result()
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise

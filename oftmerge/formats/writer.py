@@ -1,4 +1,4 @@
-"""Write OFT adapters that stock PEFT loads, and choose a block configuration PEFT will honour.
+"""Write OFT adapters that stock PEFT loads, choose a block configuration PEFT will honour; the PEFT OFT format entry.
 
 PEFT's OFT config has one ``oft_block_size`` (or ``r``) for the whole adapter
 and adjusts it per layer to a divisor of the layer's width. A merged adapter
@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 
-from oftmerge.errors import IncompatibleAdaptersError
-from oftmerge.formats.io import atomic_directory, write_json_atomic
+from oftmerge.errors import AdapterFormatError, IncompatibleAdaptersError
+from oftmerge.formats.base import register_format
+from oftmerge.formats.io import read_json, write_json_atomic
+from oftmerge.formats.peft_oft import KEY_PREFIX, WEIGHT_FILES, OftAdapter, read_adapter
 
-__all__ = ["BlockConfig", "adjust_oft_parameter", "choose_block_config", "peft_block_size", "write_adapter_dir"]
+__all__ = ["PEFT_OFT", "BlockConfig", "PeftOft", "adjust_oft_parameter", "choose_block_config", "pack_module", "peft_block_size", "write_adapter_files"]
 
 #: Keys PEFT 0.18+ writes in an OFT adapter_config.json (checked by a test against the installed PEFT).
 CURRENT_CONFIG_TEMPLATE: dict[str, Any] = {
@@ -140,21 +142,69 @@ def choose_block_config(grids: Mapping[str, tuple[int, int]], prefer: tuple[int,
     return BlockConfig(r=best[1][0], oft_block_size=best[1][1], sizes=sizes)
 
 
-def write_adapter_dir(
-    target: str | Path,
+def write_adapter_files(
+    directory: Path,
     tensors: Mapping[str, torch.Tensor],
     config: Mapping[str, Any],
-    *,
     extra_files: Mapping[str, bytes] | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (+ extras) atomically."""
+) -> None:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (+ extras) into ``directory``.
+
+    ``directory`` is a temporary one that the caller commits atomically
+    (:func:`oftmerge.engine.commit.output_directory`).
+    """
     from safetensors.torch import save_file
 
-    target = Path(target)
-    with atomic_directory(target, overwrite=overwrite) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        write_json_atomic(tmp / "adapter_config.json", dict(config))
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
-    return target
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    write_json_atomic(directory / "adapter_config.json", dict(config))
+    for name, data in (extra_files or {}).items():
+        (directory / name).write_bytes(data)
+
+
+def pack_module(
+    name: str, kind: str, stored: torch.Tensor, layout: str, *, is_packed: bool, dtype: torch.dtype, scale: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors PEFT's ``layout`` stores for one module's merged generator ``stored`` (in the stored sign).
+
+    ``stored`` is ``(blocks, b, b)``, or already the packed upper triangles when ``is_packed``;
+    ``scale`` is the 0.14-0.15 layout's ``oft_s``.
+    """
+    from oftmerge.linalg import pack_skew
+
+    prefix = KEY_PREFIX + name
+    if layout == "0.18":
+        suffix = ".oft_embedding_R.weight" if kind == "embedding" else ".oft_R.weight"
+        return {prefix + suffix: (stored if is_packed else pack_skew(stored)).to(dtype)}
+    out = {prefix + ".oft_r": stored.to(dtype).contiguous()}
+    if layout == "0.15":
+        assert scale is not None
+        out[prefix + ".oft_s"] = scale.to(dtype)
+    return out
+
+
+class PeftOft:
+    """The PEFT OFT adapter directory, every release (the format of :mod:`oftmerge.formats.base`)."""
+
+    name = "peft-oft"
+
+    def detect(self, path: Path) -> bool:
+        directory = path.parent if path.name in (*WEIGHT_FILES, "adapter_config.json") else path
+        config = directory / "adapter_config.json"
+        if not config.is_file():
+            return False
+        try:
+            return str(read_json(config).get("peft_type", "")).upper() == "OFT"
+        except AdapterFormatError:
+            return False
+
+    def read(self, path: Path, **options: Any) -> OftAdapter:
+        return read_adapter(path, **options)
+
+    def write(
+        self, directory: Path, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], extra_files: Mapping[str, bytes]
+    ) -> None:
+        write_adapter_files(directory, tensors, config, extra_files)
+
+
+#: the PEFT OFT format, registered first
+PEFT_OFT = register_format(PeftOft())

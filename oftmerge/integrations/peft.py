@@ -24,7 +24,8 @@ from typing import Any
 from oftmerge.errors import AdapterFormatError, OftMergeError
 from oftmerge.formats.io import TensorDict
 from oftmerge.formats.peft_oft import OftAdapter, adapter_from_tensors
-from oftmerge.ops.merge import MergeResult, merge_adapters
+from oftmerge.ops.merge import merge_adapters
+from oftmerge.ops.merge_result import MergeResult
 
 __all__ = ["live_adapter", "merge_oft_adapters"]
 

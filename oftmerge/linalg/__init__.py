@@ -14,6 +14,7 @@ from oftmerge.linalg.cayley import (
 from oftmerge.linalg.groups import (
     karcher_mean,
     log_orthogonal,
+    orthogonality_error,
     polar,
     regrid_blocks,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "karcher_mean",
     "log_orthogonal",
     "neumann_series",
+    "orthogonality_error",
     "orthogonal_procrustes",
     "pack_skew",
     "polar",

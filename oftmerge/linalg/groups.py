@@ -1,14 +1,20 @@
-"""Orthogonal-group tools on batches of blocks: polar factor, logarithm, Karcher mean, regridding."""
+"""Orthogonal-group tools on batches of blocks: polar factor, logarithm, Karcher mean, regridding, orthogonality error."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["karcher_mean", "log_orthogonal", "polar", "regrid_blocks"]
+__all__ = ["karcher_mean", "log_orthogonal", "orthogonality_error", "polar", "regrid_blocks"]
 
 #: Karcher iterations stop when the mean tangent step's largest block norm is below this.
 KARCHER_TOL = 1e-12
 KARCHER_MAX_ITER = 200
+
+
+def orthogonality_error(r: torch.Tensor) -> torch.Tensor:
+    """``||R^T R - I||_F`` of each matrix of ``r`` ``(..., d, d)``, computed in ``r``'s dtype (a 0-d tensor for one matrix)."""
+    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+    return torch.linalg.matrix_norm(r.transpose(-2, -1) @ r - eye)
 
 
 def polar(m: torch.Tensor, *, special: bool = True) -> torch.Tensor:

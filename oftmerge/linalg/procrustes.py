@@ -66,6 +66,7 @@ from typing import Literal
 import torch
 
 from oftmerge.errors import NumericalError
+from oftmerge.linalg.groups import orthogonality_error
 
 __all__ = [
     "CayleyDomainError",
@@ -138,11 +139,6 @@ def spectral_norm(m: torch.Tensor, iterations: int = POWER_ITERATIONS) -> float:
     return float(torch.linalg.vector_norm(m @ v))
 
 
-def _ortho_error(r: torch.Tensor) -> float:
-    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
-    return float(torch.linalg.matrix_norm(r.transpose(-2, -1) @ r - eye))
-
-
 def special_polar(m: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """The special-orthogonal polar factor of square ``m`` and whether a flip was needed.
 
@@ -189,7 +185,7 @@ def ortho_error(x: torch.Tensor, *, exact_max: int = ORTHO_EXACT_MAX) -> float:
     d = x.shape[-1]
     x = x.to(torch.float64)
     if d <= exact_max:
-        return _ortho_error(x)
+        return float(orthogonality_error(x))
     g = torch.randn(d, ORTHO_PROBES, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(x.device)
     e = x.transpose(0, 1) @ (x @ g) - g
     return float(torch.sqrt((e * e).sum() / ORTHO_PROBES))

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from oftmerge.errors import NumericalError
-from oftmerge.linalg import log_orthogonal
+from oftmerge.linalg import log_orthogonal, orthogonality_error
 from oftmerge.linalg.procrustes import ORTHO_EXACT_MAX, ORTHO_PROBES, CayleyDomainError, Rotation, procrustes_rotation
 from oftmerge.methods.registry import get_method
 
@@ -284,7 +284,7 @@ def decompose(
     else:
         r_m = torch.linalg.matrix_exp(q_m)[0]
         base_part = w0 @ r_m
-        report.merged_ortho_error = _norm(r_m.T @ r_m - torch.eye(r_m.shape[0], dtype=r_m.dtype))
+        report.merged_ortho_error = float(orthogonality_error(r_m))
         del r_m
     if not bool(torch.isfinite(base_part).all()):
         raise NumericalError(f"{where}: the merged rotation is not finite (procrustes={settings.procrustes}); nothing was written")

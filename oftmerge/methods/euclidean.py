@@ -54,7 +54,7 @@ from typing import Any
 import torch
 
 from oftmerge.errors import OftMergeError
-from oftmerge.methods.registry import MergeMethod, MethodOption
+from oftmerge.methods.registry import EUCLIDEAN, MergeMethod, MethodOption, merge_method
 
 __all__ = [
     "TensorContext",
@@ -69,7 +69,6 @@ __all__ = [
 ]
 
 EuclideanFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
-_EUCLIDEAN: dict[str, MergeMethod] = {}
 
 
 @dataclass(frozen=True)
@@ -91,26 +90,16 @@ def euclidean_method(
     name: str, *, summary: str, reference: str, options: tuple[MethodOption, ...] = ()
 ) -> Callable[[EuclideanFn], EuclideanFn]:
     """Register ``fn(taus, weights, *, context, **options) -> (tau, stats)`` as Euclidean method ``name``."""
-
-    def deco(fn: EuclideanFn) -> EuclideanFn:
-        if name in _EUCLIDEAN:
-            raise RuntimeError(f"Euclidean merge method {name!r} registered twice")
-        _EUCLIDEAN[name] = MergeMethod(name, fn, summary, reference, tuple(options))
-        return fn
-
-    return deco
+    return merge_method(name, summary=summary, reference=reference, options=options, registry=EUCLIDEAN)
 
 
 def euclidean_methods() -> dict[str, MergeMethod]:
     """The Euclidean methods by name, in registration order (the OFT ones: :func:`available_methods`)."""
-    return dict(_EUCLIDEAN)
+    return EUCLIDEAN.all()
 
 
 def get_euclidean_method(name: str) -> MergeMethod:
-    try:
-        return _EUCLIDEAN[name]
-    except KeyError:
-        raise OftMergeError(f"unknown Euclidean merge method {name!r}; choose one of: {', '.join(_EUCLIDEAN)}") from None
+    return EUCLIDEAN.get(name)
 
 
 def _weighted(taus: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,19 @@ import torch
 
 from oftmerge.errors import OftMergeError
 
-__all__ = ["MergeMethod", "MethodOption", "available_methods", "get_method", "merge_method", "weighted_sum"]
+__all__ = [
+    "EUCLIDEAN",
+    "ORTHOGONAL",
+    "MergeMethod",
+    "MethodOption",
+    "Registry",
+    "available_methods",
+    "describe_methods",
+    "get_method",
+    "merge_method",
+    "methods_table",
+    "weighted_sum",
+]
 
 MethodFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
 
@@ -83,7 +95,40 @@ class MergeMethod:
         return self.fn(qs, weights, **options)
 
 
-_REGISTRY: dict[str, MergeMethod] = {}
+class Registry:
+    """Merge methods of one kind, by name, in registration order: what the API, the CLI choices and the docs read.
+
+    Two instances: :data:`ORTHOGONAL` (so(b) methods over generators ``(N, blocks, b, b)``) and
+    :data:`EUCLIDEAN` (methods over task vectors / residuals, ``fn(taus, weights, *, context, **options)``).
+    """
+
+    def __init__(self, kind: str, label: str, flag: str):
+        self.kind = kind  #: "so(d)" or "euclidean"
+        self.label = label  #: how an error message names a method of this kind
+        self.flag = flag  #: the CLI option that chooses one
+        self._methods: dict[str, MergeMethod] = {}
+
+    def add(self, method: MergeMethod) -> MergeMethod:
+        if method.name in self._methods:
+            raise RuntimeError(f"{self.label} {method.name!r} registered twice")
+        self._methods[method.name] = method
+        return method
+
+    def all(self) -> dict[str, MergeMethod]:
+        return dict(self._methods)
+
+    def get(self, name: str) -> MergeMethod:
+        try:
+            return self._methods[name]
+        except KeyError:
+            raise OftMergeError(f"unknown {self.label} {name!r}; choose one of: {', '.join(self._methods)}") from None
+
+
+#: so(b) methods: ``oftmerge merge --method``, ``oftmerge decouple --orthogonal``
+ORTHOGONAL = Registry("so(d)", "merge method", "oftmerge merge --method; oftmerge decouple --orthogonal")
+#: Euclidean methods: ``oftmerge decouple --euclidean``
+EUCLIDEAN = Registry("euclidean", "Euclidean merge method", "oftmerge decouple --euclidean")
+REGISTRIES = (ORTHOGONAL, EUCLIDEAN)
 
 
 def merge_method(
@@ -95,31 +140,52 @@ def merge_method(
     normalized_weights: bool = True,
     order_matters: bool = False,
     from_sum: MethodFn | None = None,
+    registry: Registry = ORTHOGONAL,
 ) -> Callable[[MethodFn], MethodFn]:
-    """Register ``fn`` as merge method ``name`` (see the module docstring for the signature)."""
+    """Register ``fn`` as merge method ``name`` of ``registry`` (see the module docstring for the signature)."""
 
     def deco(fn: MethodFn) -> MethodFn:
-        if name in _REGISTRY:
-            raise RuntimeError(f"merge method {name!r} registered twice")
-        _REGISTRY[name] = MergeMethod(name, fn, summary, reference, tuple(options), normalized_weights, order_matters, from_sum)
+        registry.add(MergeMethod(name, fn, summary, reference, tuple(options), normalized_weights, order_matters, from_sum))
         return fn
 
     return deco
 
 
-def _load_builtin() -> None:
-    from oftmerge.methods import oft  # noqa: F401  (registers on import)
-
-
 def available_methods() -> dict[str, MergeMethod]:
-    """All registered methods by name, in registration order."""
-    _load_builtin()
-    return dict(_REGISTRY)
+    """All registered so(b) methods by name, in registration order."""
+    return ORTHOGONAL.all()
 
 
 def get_method(name: str) -> MergeMethod:
-    _load_builtin()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise OftMergeError(f"unknown merge method {name!r}; choose one of: {', '.join(_REGISTRY)}") from None
+    return ORTHOGONAL.get(name)
+
+
+def describe_methods() -> str:
+    """The text ``oftmerge methods`` prints: every method of every registry, with its options."""
+    titles = {
+        "so(d)": "so(b) methods (oftmerge merge --method; oftmerge decouple --orthogonal)",
+        "euclidean": "Euclidean methods for residuals and full weights (oftmerge decouple --euclidean)",
+    }
+    lines: list[str] = []
+    for registry in REGISTRIES:
+        lines.append(titles[registry.kind])
+        for m in registry.all().values():
+            lines.append(f"  {m.name:<12} {m.summary}")
+            lines.append(f"  {'':<12} reference: {m.reference}")
+            for o in m.options:
+                lines.append(f"  {'':<12} --option {o.name}=<{o.type.__name__}> (default {o.default}): {o.help}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def methods_table() -> str:
+    """The Markdown table of every method and option (``docs/methods.md`` is generated from it)."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = ["| kind | method | what it does | options (default) | reference |", "|---|---|---|---|---|"]
+    for registry in REGISTRIES:
+        for m in registry.all().values():
+            opts = "<br>".join(f"`{o.name}` ({o.default}): {cell(o.help)}" for o in m.options) or "—"
+            lines.append(f"| {registry.kind} | `{m.name}` | {cell(m.summary)} | {opts} | {cell(m.reference)} |")
+    return "\n".join(lines) + "\n"

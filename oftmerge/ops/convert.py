@@ -25,7 +25,8 @@ from pathlib import Path
 from oftmerge.errors import OftMergeError
 from oftmerge.formats import read_adapter
 from oftmerge.linalg import RotationMap
-from oftmerge.ops.merge import MergeResult, merge_adapters
+from oftmerge.ops.merge import merge_adapters
+from oftmerge.ops.merge_result import MergeResult
 
 __all__ = ["convert_adapter"]
 

@@ -28,31 +28,29 @@ and says so in a warning and in the report.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from oftmerge.engine import distributed
-from oftmerge.errors import IncompatibleAdaptersError, NumericalError, OftMergeError
+from oftmerge.config import FoldConfig, RunOptions
+from oftmerge.engine.distributed import is_main
+from oftmerge.engine.model import write_model
+from oftmerge.engine.threads import torch_threads
+from oftmerge.errors import NumericalError, OftMergeError
+from oftmerge.formats.peft_oft import OftAdapter
+from oftmerge.integrations.cards import folded_model_card
+from oftmerge.integrations.hub import push_folder
 from oftmerge.kernels.fold import adapter_rotation, all_finite, fold_weight
-from oftmerge.formats.checkpoint import Checkpoint
-from oftmerge.formats.peft_oft import RELEASES, OftAdapter, read_adapter
-from oftmerge.formats.shards import plan_model, tied_embeddings, write_model
-from oftmerge.formats.writer import write_adapter_dir
-from oftmerge.integrations.hub import folded_model_card, library_versions, push_folder
-from oftmerge.formats.io import sha256_file
-from oftmerge.ops.merge import MergeResult, torch_threads
+from oftmerge.plan.fold import FoldPlan, plan_fold
+from oftmerge.provenance import library_versions
 
-__all__ = ["FoldResult", "fold_adapter"]
+__all__ = ["FoldResult", "fold_adapter", "run_fold"]
 
 log = logging.getLogger(__name__)
 
@@ -103,64 +101,10 @@ class FoldResult:
         return "\n".join(lines)
 
 
-def _base_key(name: str, ckpt: Checkpoint) -> str:
-    """The base tensor that module ``name`` (a PEFT module path) folds into."""
-    key = f"{name}.weight"
-    if key in ckpt or key == "lm_head.weight":  # a tied lm_head is not stored (see _plan)
-        return key
-    matches = [k for k in ckpt.keys() if k.endswith("." + key) or key.endswith("." + k)]
-    if len(matches) == 1:
-        return matches[0]
-    hint = f" (candidates: {', '.join(matches[:4])})" if matches else ""
-    raise IncompatibleAdaptersError(
-        f"module {name!r}: the base model {ckpt.path} has no weight {key!r}{hint}; the adapter was trained on "
-        "another model, or with a different module path"
-    )
-
-
-def _describe_base(base: Path, ckpt: Checkpoint, hash_base: bool) -> dict[str, Any]:
-    """Name and identity of the base: a fingerprint of its tensor headers, and with ``hash_base`` the files' SHA-256."""
-    config = {}
-    if (base / "config.json").is_file():
-        config = json.loads((base / "config.json").read_text(encoding="utf-8"))
-    fp = hashlib.sha256()
-    for key in ckpt.keys_in_file_order():
-        fp.update(f"{key}|{ckpt.dtype(key)}|{list(ckpt.shape(key))}\n".encode())
-    info: dict[str, Any] = {
-        "path": str(base.absolute()),
-        "name_or_path": config.get("_name_or_path") or None,
-        "architectures": config.get("architectures"),
-        "tensors_fingerprint": fp.hexdigest(),
-    }
-    if hash_base:
-        info["sha256"] = {shard: sha256_file(base / shard) for shard in ckpt.shards}
-    return info
-
-
-def _as_adapter(adapter: Any, shapes: Mapping[str, tuple[int, ...]], peft_release: str | None, tmp: Path) -> tuple[OftAdapter, dict[str, Any]]:
-    if isinstance(adapter, MergeResult):
-        if adapter.dry_run:
-            raise OftMergeError("this is a dry-run merge result: nothing was merged, nothing can be folded")
-        write_adapter_dir(tmp / "merged", adapter.tensors, adapter.config)
-        read = read_adapter(tmp / "merged", peft_release=adapter.layout, base_shapes=shapes)
-        return read, adapter.provenance()
-    if not isinstance(adapter, OftAdapter):
-        adapter = read_adapter(adapter, peft_release=peft_release, base_shapes=shapes)
-    source = {
-        "path": str(Path(adapter.path).absolute()),
-        "sha256": sha256_file(adapter.weights_path),
-        "release": RELEASES[adapter.release],
-        "release_source": adapter.release_source,
-        "rotation_map": adapter.rotation_map.describe(),
-        "base_model_name_or_path": adapter.base_model,
-    }
-    return adapter, source
-
-
 def fold_adapter(
-    adapter: str | os.PathLike[str] | OftAdapter | MergeResult,
-    base: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str] | None,
+    adapter: str | os.PathLike[str] | OftAdapter | Any,
+    base: str | os.PathLike[str] | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
     *,
     shard_size: int | str = "5GB",
     overwrite: bool = False,
@@ -171,13 +115,15 @@ def fold_adapter(
     private: bool = False,
     threads: int | None = 1,
     progress: Callable[[int, int, str], None] | None = None,
+    run: RunOptions | None = None,
 ) -> FoldResult:
     """Fold ``adapter`` into the model in directory ``base`` and write a full model to ``out_dir``.
 
     Args:
         adapter: an adapter directory (any PEFT release), an
-            :class:`~oftmerge.formats.OftAdapter`, or a
-            :class:`~oftmerge.ops.merge.MergeResult` (its ``saved_to`` is set to ``out_dir``).
+            :class:`~oftmerge.formats.OftAdapter`, a
+            :class:`~oftmerge.MergeResult` (its ``saved_to`` is set to ``out_dir``), or a whole
+            :class:`~oftmerge.config.FoldConfig` (then ``base`` ... ``private`` are not used).
         base: a ``transformers`` model directory (safetensors, sharded or not, or ``.bin``).
         out_dir: the output directory, written atomically; may be None in a dry run.
         shard_size: largest shard, ``"5GB"`` style or bytes (``transformers``' default 5GB).
@@ -193,102 +139,79 @@ def fold_adapter(
         private: create the Hub repository as private.
         threads: torch threads for the fold (restored afterwards; None leaves torch's setting).
             The fold is many small batched products while a reader and a writer
-            thread keep the disk busy; one torch thread was fastest on a 2-core
-            machine, and several times faster than two when the machine is busy.
-            Raise it on many-core machines.
+            thread keep the disk busy, so one thread is the default; raise it on
+            many-core machines.
         progress: called as ``progress(done, total, module)`` after each folded module.
+        run: a :class:`~oftmerge.config.RunOptions`; when given, ``shard_size``, ``overwrite``,
+            ``dry_run``, ``threads`` and ``progress`` are not used.
     """
-    base = Path(base)
-    ckpt = Checkpoint(base)
-    shapes = ckpt.shapes()
-    tied = tied_embeddings(base, ckpt)
-    if tied is not None and tied[1] not in shapes:  # a tied lm_head is the input embedding
-        shapes[tied[1]] = shapes[tied[0]]
-    with tempfile.TemporaryDirectory(prefix="oftmerge-fold-") as tmp:
-        read, source = _as_adapter(adapter, shapes, peft_release, Path(tmp))
-        modules = {name: _base_key(name, ckpt) for name in read.modules}
-        result = _plan(read, ckpt, base, modules, source, shard_size, hash_base, dry_run)
-        if dry_run:
-            return result
-        if out_dir is None:
-            raise OftMergeError("give an output directory (out_dir / -o) or use dry_run=True")
-        by_key = {key: name for name, key in modules.items()}
-        done: list[str] = []
+    if isinstance(adapter, FoldConfig):
+        config = adapter
+    else:
+        config = FoldConfig(adapter, base, peft_release=peft_release, hash_base=hash_base, push_to_hub=push_to_hub, private=private)  # type: ignore[arg-type]
+    if run is None:
+        run = RunOptions(threads=threads, shard_size=shard_size, overwrite=overwrite, dry_run=dry_run, progress=progress)
+    return run_fold(config, run, out_dir)
 
-        def fold_one(key: str, weight: torch.Tensor) -> torch.Tensor:
-            name = by_key[key]
-            spec = read.modules[name]
-            folded = fold_weight(weight, adapter_rotation(read, name), spec, scale=read.scale(name))
-            if not all_finite(folded):
-                raise NumericalError(f"module {name!r}: the folded weight {key} is not finite; nothing was written")
-            if progress is not None:
-                progress(len(done) + 1, len(modules), name)
-                done.append(name)
-            return folded
 
-        config_updates = {"tie_word_embeddings": False} if result.untied else None
-        prov = result.provenance()
-        extra = {
-            "oftmerge.json": json.dumps(prov, indent=2, sort_keys=True) + "\n",
-            "README.md": folded_model_card(result),
-        }
-        group = distributed.current()  # several processes (accelerate launch): each writes its share of the shards
-        write = write_model if group is None else functools.partial(distributed.write_model, group=group)
-        with torch_threads(threads):
-            result.out_dir = write(
-                base, out_dir, fold_one, shard_size=shard_size, overwrite=overwrite, extra_files=extra,
-                only=by_key.__contains__, untie=_added(result.untied, ckpt), config_updates=config_updates,
-            )  # fmt: skip
-    if isinstance(adapter, MergeResult):
-        adapter.saved_to = result.out_dir
-    if push_to_hub and distributed.is_main():
-        result.pushed = push_folder(result.out_dir, push_to_hub, private=private)
+def run_fold(config: FoldConfig, run: RunOptions, out_dir: str | os.PathLike[str] | None = None) -> FoldResult:
+    """Plan and execute ``config``, writing the folded model to ``out_dir``."""
+    plan = plan_fold(config, run.shard_size, dry_run=run.dry_run)
+    if is_main():  # one process of a distributed run says it
+        for w in plan.warnings:
+            log.warning(w)
+    result = FoldResult(
+        base=plan.base,
+        source=dict(plan.source),
+        modules=dict(plan.modules),
+        base_info=dict(plan.base_info),
+        untied=plan.untied,
+        shards=[[t.name for t in s] for s in plan.shards],
+        total_bytes=sum(t.nbytes for s in plan.shards for t in s),
+        shard_size=run.shard_size,
+        warnings=list(plan.warnings),
+        dry_run=run.dry_run,
+    )
+    if run.dry_run:
+        return result
+    if out_dir is None:
+        raise OftMergeError("give an output directory (out_dir / -o) or use dry_run=True")
+    extra = {
+        "oftmerge.json": json.dumps(result.provenance(), indent=2, sort_keys=True) + "\n",
+        "README.md": folded_model_card(result),
+    }
+    with torch_threads(run.threads):
+        result.out_dir = write_model(
+            plan.base, out_dir, _folder(plan, run), shard_size=run.shard_size, overwrite=run.overwrite, extra_files=extra,
+            only=_folds(plan).__contains__, untie=plan.untie, inputs=plan.inputs,
+            config_updates={"tie_word_embeddings": False} if plan.untied else None,
+        )  # fmt: skip
+    if hasattr(config.adapter, "saved_to"):  # a MergeResult
+        config.adapter.saved_to = result.out_dir
+    if config.push_to_hub and is_main():
+        result.pushed = push_folder(result.out_dir, config.push_to_hub, private=config.private)
     return result
 
 
-def _plan(
-    read: OftAdapter,
-    ckpt: Checkpoint,
-    base: Path,
-    modules: dict[str, str],
-    source: dict[str, Any],
-    shard_size: int | str,
-    hash_base: bool,
-    dry_run: bool,
-) -> FoldResult:
-    warnings: list[str] = []
-    tied = tied_embeddings(base, ckpt)
-    untied = tied if tied is not None and set(tied) & set(modules.values()) else None
-    if untied is not None:
-        rotated = ", ".join(sorted(set(untied) & set(modules.values())))
-        warnings.append(
-            f"the base ties {untied[1]} to {untied[0]} and the adapter rotates {rotated}: the folded model stores "
-            f"{untied[1]} separately (tie_word_embeddings=false), so that it computes what the adapted model "
-            "computes (PEFT's in-place merge_and_unload would rotate both tied matrices)"
-        )
-        if distributed.is_main():  # one process of a distributed run says it
-            log.warning(warnings[-1])
-    for name, key in modules.items():
-        if key not in ckpt and (untied is None or key != untied[1]):
-            raise IncompatibleAdaptersError(
-                f"module {name!r}: the base model {base} stores no {key!r} and does not tie it to an input "
-                "embedding; the adapter was trained on another model"
-            )
-    shards = plan_model(ckpt, shard_size, untie=_added(untied, ckpt))
-    return FoldResult(
-        base=base,
-        source=source,
-        modules=modules,
-        base_info=_describe_base(base, ckpt, hash_base and not dry_run),
-        untied=untied,
-        shards=[[t.name for t in s] for s in shards],
-        total_bytes=sum(t.nbytes for s in shards for t in s),
-        shard_size=shard_size,
-        warnings=warnings,
-        dry_run=dry_run,
-    )
+def _folds(plan: FoldPlan) -> dict[str, str]:
+    """base tensor -> the module folded into it."""
+    return {key: name for name, key in plan.modules.items()}
 
 
-def _added(untied: tuple[str, str] | None, ckpt: Checkpoint) -> tuple[str, str] | None:
-    """The ``untie`` argument of :func:`write_model`: only when the output embedding is not stored."""
-    return untied if untied is not None and untied[1] not in ckpt else None
+def _folder(plan: FoldPlan, run: RunOptions) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """The writer's ``tensor_fn``: fold one base weight with the adapter's rotation (the kernel), checked."""
+    by_key = _folds(plan)
+    read = plan.adapter
+    done = [0]
+
+    def fold_one(key: str, weight: torch.Tensor) -> torch.Tensor:
+        name = by_key[key]
+        folded = fold_weight(weight, adapter_rotation(read, name), read.modules[name], scale=read.scale(name))
+        if not all_finite(folded):
+            raise NumericalError(f"module {name!r}: the folded weight {key} is not finite; nothing was written")
+        done[0] += 1
+        if run.progress is not None:
+            run.progress(done[0], len(plan.modules), name)
+        return folded
+
+    return fold_one

@@ -18,8 +18,10 @@ from typing import Any
 import torch
 
 from oftmerge.formats.checkpoint import Checkpoint
+from oftmerge.linalg import orthogonality_error
 from oftmerge.formats.peft_oft import OftAdapter, read_adapter
-from oftmerge.ops.merge import merge_adapters, module_norm, quiet_merge_log, to_grid
+from oftmerge.ops.merge import merge_adapters, quiet_merge_log
+from oftmerge.plan.merge import module_norm, to_grid
 
 __all__ = ["inspect_adapters", "render_report"]
 
@@ -37,8 +39,7 @@ def _module_report(adapter: OftAdapter, name: str, width: int | None) -> dict[st
     n = width // spec.block_size if width else None
     total = module_norm(q, spec, width)
     applied = adapter.rotation_map.rotation(q)
-    eye = torch.eye(spec.block_size, dtype=torch.float64)
-    ortho = torch.linalg.matrix_norm(applied.transpose(-2, -1) @ applied - eye)
+    ortho = orthogonality_error(applied)
     report = {
         "name": name,
         "kind": spec.kind,

@@ -5,48 +5,41 @@ of modules and checks widths and block sizes, :func:`output_layout` picks the PE
 output can be written in, :func:`block_config` the grid PEFT's single config can express,
 :func:`output_config` the output's ``adapter_config.json``, :func:`resolve_rotation_map` the map
 the output is written for. :func:`to_grid` and :func:`module_norm` bring one input's stored blocks
-to the plan's grid and measure them. :mod:`oftmerge.ops.merge` runs the plan.
+to the plan's grid and measure them. :func:`plan_merge` puts them together into a frozen
+:class:`MergePlan` (what ``--dry-run`` prints); :mod:`oftmerge.ops.merge` runs it.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import math
-import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from oftmerge.errors import IncompatibleAdaptersError, OftMergeError
+from oftmerge.formats.io import sha256_file
 from oftmerge.formats.peft_oft import RELEASES, ModuleSpec, OftAdapter
 from oftmerge.formats.writer import CURRENT_CONFIG_TEMPLATE, BlockConfig, choose_block_config
 from oftmerge.linalg import RotationMap, regrid_blocks
+from oftmerge.methods import MergeMethod, get_method
+from oftmerge.provenance import peft_version
 
 __all__ = [
+    "MergePlan",
     "ModulePlan",
     "block_config",
     "merged_scale",
     "module_norm",
     "output_config",
     "output_layout",
-    "peft_version",
+    "plan_merge",
     "plan_modules",
     "resolve_rotation_map",
     "to_grid",
 ]
-
-
-def peft_version() -> str | None:
-    """The installed PEFT's ``__version__``, without importing PEFT (which imports transformers) when not yet loaded."""
-    module = sys.modules.get("peft")
-    if module is not None:
-        return module.__version__
-    try:
-        return importlib.metadata.version("peft")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - peft is optional for the core
-        return None
 
 
 def resolve_rotation_map(maps: Sequence[RotationMap], choice: str, layout: str) -> tuple[RotationMap, list[str]]:
@@ -188,7 +181,7 @@ def output_config(
     def common(key: str) -> Any:
         values = [a.config.get(key) for a in adapters]
         first = values[0]
-        return first if all(v == first for v in values) else None
+        return first if all(_same(v, first) for v in values) else None
 
     task_types = {a.config.get("task_type") for a in adapters}
     if len(task_types) > 1:
@@ -238,6 +231,13 @@ def output_config(
     return config
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Config values agree; lists of names (``target_modules``, ...) in any order."""
+    if isinstance(a, (list, tuple, set)) and isinstance(b, (list, tuple, set)):
+        return set(a) == set(b)
+    return a == b
+
+
 def to_grid(q: torch.Tensor, spec: ModuleSpec, shared_out: bool, features: int | None, block: int) -> torch.Tensor:
     """Bring stored blocks ``(rows, b, b)`` to the output grid ``block`` (shared or all blocks)."""
     if spec.shared and not shared_out:
@@ -273,3 +273,136 @@ def merged_scale(read: Sequence[OftAdapter], p: ModulePlan, weights: Sequence[fl
     if acc is None:
         raise IncompatibleAdaptersError(f"module {p.name!r}: no oft_s scale found to merge")
     return acc / total
+
+
+# -- the whole plan -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Everything a merge will do, decided from the inputs alone (no generator loaded); what ``--dry-run`` shows.
+
+    Inputs are in the canonical order (by content hash, unless the method's result depends on
+    the order): float sums then do not depend on the order they were given in.
+    """
+
+    config: Any  #: the :class:`~oftmerge.config.MergeConfig`
+    adapters: tuple[OftAdapter, ...]  #: canonical order
+    weights: tuple[float, ...]  #: canonical order
+    given_order: tuple[int, ...]  #: position in the given order of each input
+    method: MergeMethod
+    options: Mapping[str, Any]
+    layout: str  #: "0.18", "0.15" or "0.13"
+    rotation_map: RotationMap
+    modules: tuple[ModulePlan, ...]
+    blocks: BlockConfig
+    shared: bool
+    adapter_config: Mapping[str, Any]  #: the output's adapter_config.json
+    out_dtype: torch.dtype
+    packed: frozenset[str]  #: modules merged on the stored upper triangles
+    warnings: tuple[str, ...]
+    #: the SHA-256 of the input files (hashed in threads meanwhile; the call waits for them)
+    file_hashes: Callable[[], list[str]] = field(compare=False, repr=False)
+
+    def grid(self) -> dict[str, tuple[tuple[int, ...], int]]:
+        """module -> (the inputs' block sizes, the output block size)."""
+        return {p.name: (tuple(s.block_size for _, s in p.entries), self.blocks.sizes[p.name]) for p in self.modules}
+
+    def output_shapes(self) -> dict[str, tuple[int, int]]:
+        """module -> shape of its stored output generator."""
+        out = {}
+        for p in self.modules:
+            b = self.blocks.sizes[p.name]
+            rows = 1 if self.shared else (p.features or b) // b
+            out[p.name] = (rows, b * (b - 1) // 2 if self.layout == "0.18" else b * b)
+        return out
+
+    def share(self, group: Any) -> list[int]:
+        """Indices of the modules process ``group.rank`` merges (all of them for a single process)."""
+        return group.share([len(p.entries) * (p.features or 1) for p in self.modules])
+
+
+def plan_merge(config: Any) -> MergePlan:
+    """Read the inputs of ``config`` (a :class:`~oftmerge.config.MergeConfig`) and plan the merge."""
+    from oftmerge.formats.checkpoint import Checkpoint
+    from oftmerge.formats.peft_oft import read_adapter
+
+    base_shapes = Checkpoint(config.base).shapes() if config.base is not None else None
+    read = [
+        a if isinstance(a, OftAdapter) else read_adapter(a, peft_release=rel, base_shapes=base_shapes)
+        for a, rel in zip(config.adapters, config.releases())
+    ]
+    weights = list(config.weights) if config.weights is not None else [1.0] * len(read)
+    meth = get_method(config.method)
+    file_hashes, keys = _input_hashes(read, need_content=not meth.order_matters)
+    order = list(range(len(read)))
+    if not meth.order_matters:  # a canonical order makes float sums independent of the order given
+        # keys: content hashes, of the tensors, not the file: .bin, safetensors, memory agree
+        order.sort(key=lambda i: (keys[i], weights[i], str(read[i].path)))
+    read = [read[i] for i in order]
+    weights = [weights[i] for i in order]
+    names = {a.base_model for a in read} - {None}
+    if len(names) > 1 and not config.allow_base_mismatch:
+        raise IncompatibleAdaptersError(
+            "the adapters name different base models (" + ", ".join(f"{a.path}: {a.base_model}" for a in read)
+            + "); pass allow_base_mismatch=True (--allow-base-mismatch) if they are the same model saved at "
+            "different paths"
+        )
+    warnings: list[str] = []
+    layout = output_layout(read)
+    rmap, notes = resolve_rotation_map([a.rotation_map for a in read], config.cayley, layout)
+    warnings += notes
+    plans = plan_modules(read)
+    blocks, shared = block_config(read, plans, layout)
+    adapter_config = output_config(read, plans, layout, rmap, blocks, shared, warnings)
+    dtypes = {a.dtype(name) for a in read for name in a.modules}
+    # modules whose inputs all store the generator packed on the output grid go through the merge packed:
+    # a linear method commutes with packing, and ||Q||_F = sqrt(2) ||upper triangle||
+    packed = frozenset(
+        p.name for p in plans
+        if layout == "0.18" and not shared and (meth.from_sum is not None or len(p.entries) == 1)
+        and all(read[i].is_packed(p.name) and s.block_size == blocks.sizes[p.name] and not s.shared for i, s in p.entries)
+    )  # fmt: skip
+    return MergePlan(
+        config=config,
+        adapters=tuple(read),
+        weights=tuple(weights),
+        given_order=tuple(order),
+        method=meth,
+        options=dict(config.method_options),
+        layout=layout,
+        rotation_map=rmap,
+        modules=tuple(plans),
+        blocks=blocks,
+        shared=shared,
+        adapter_config=adapter_config,
+        out_dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32,
+        packed=packed,
+        warnings=tuple(warnings),
+        file_hashes=file_hashes,
+    )
+
+
+def _input_hashes(read: Sequence[OftAdapter], need_content: bool) -> tuple[Callable[[], list[str]], list[str | None]]:
+    """Content hashes of the inputs (if needed: the canonical order), and a call for their files' SHA-256.
+
+    The content hashes are computed now, by up to 4 threads (hashlib releases the GIL); the
+    files' SHA-256 (provenance, not needed before the output is written) go on in those threads
+    while the caller merges, and the returned call waits for them. An input that is not a file
+    is described by its content hash.
+    """
+
+    def content(a: OftAdapter) -> str | None:
+        return a.content_hash() if need_content or not a.weights_path.is_file() else None
+
+    pool = ThreadPoolExecutor(min(4, len(read)), "oftmerge-hash")
+    try:
+        keys = list(pool.map(content, read))
+        files = [pool.submit(sha256_file, a.weights_path) if a.weights_path.is_file() else None for a in read]
+    finally:
+        pool.shutdown(wait=False)
+
+    def file_hashes() -> list[str]:
+        return [f.result() if f is not None else k for f, k in zip(files, keys)]  # type: ignore[misc]
+
+    return file_hashes, keys

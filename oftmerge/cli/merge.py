@@ -1,0 +1,110 @@
+"""``oftmerge merge`` (OFT adapters into one), ``convert`` (legacy checkpoints) and ``methods`` (the registry)."""
+
+from __future__ import annotations
+
+import argparse
+
+from oftmerge.cli.common import add_report_arguments, parse_options, parse_weights, print_report, progress_line, require_output
+
+EPILOG_MERGE = """examples:
+  oftmerge merge adapters/oft-upper adapters/oft-reverse -o merged
+  oftmerge merge A B C -o out --weights 1,1,0.5 --scale 0.9
+  oftmerge merge A B -o out --method karcher --cayley exact
+  oftmerge merge A B --dry-run             # show the plan, write nothing
+
+The merged adapter loads with stock PEFT: PeftModel.from_pretrained(base, "merged").
+"""
+
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from oftmerge.config import MergeConfig, RunOptions
+    from oftmerge.ops.merge import run_merge
+
+    require_output(args)
+    config = MergeConfig(
+        tuple(args.adapters), method=args.method, weights=parse_weights(args.weights), scale=args.scale, cayley=args.cayley,
+        method_options=parse_options(args.option), base=args.base or args.fold_into, peft_release=args.peft_release,
+        allow_base_mismatch=args.allow_base_mismatch, output="model" if args.fold_into else "adapter",
+    )  # fmt: skip
+    run = RunOptions(
+        threads=args.threads, shard_size=args.shard_size, overwrite=args.overwrite, dry_run=args.dry_run,
+        progress=progress_line(not args.quiet),
+    )  # fmt: skip
+    result = run_merge(config, run, None if args.dry_run else args.output)
+
+    def data() -> dict:
+        d = result.provenance()
+        d["modules"] = {n: r.to_dict() for n, r in result.modules.items()}
+        d["output"] = str(result.saved_to) if result.saved_to else None
+        d["dry_run"] = args.dry_run
+        return d
+
+    def text() -> str:
+        done = f"dry run: nothing written (would write {result.output_bytes / 1e6:.2f} MB)" if args.dry_run else f"wrote {result.saved_to}"
+        return result.summary(max_modules=args.show) + "\n" + done
+
+    print_report(args, data=data, text=text)
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from oftmerge.ops.convert import convert_adapter
+
+    result = convert_adapter(
+        args.adapter, args.output, peft_release=args.peft_release, approximate=args.approximate, overwrite=args.overwrite
+    )
+    lines = [f"converted {args.adapter} (PEFT {result.inputs[0].release_source}) -> {result.saved_to}"]
+    lines += [f"warning: {w}" for w in result.warnings]
+    print_report(args, data=result.provenance, text=lambda: "\n".join(lines))
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from oftmerge.methods import describe_methods
+
+    print(describe_methods())
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from oftmerge.methods import available_methods
+
+    m = sub.add_parser(
+        "merge",
+        help="merge OFT adapters into one PEFT OFT adapter",
+        description="Merge OFT adapters (any PEFT release) into one adapter, module by module, in so(b).",
+        epilog=EPILOG_MERGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    m.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter directories written by save_pretrained")
+    m.add_argument("-o", "--output", help="output directory (written atomically)")
+    m.add_argument("--method", default="orthomerge", choices=list(available_methods()), help="merge method (default: %(default)s; see `oftmerge methods`)")
+    m.add_argument("--weights", help="comma-separated weight per adapter; negative = negate that adapter")
+    m.add_argument("--scale", type=float, default=1.0, help="multiply the merged generator (default: 1)")
+    m.add_argument("--cayley", default="auto", help="output map: auto (inputs' own if they agree, else exact), exact, neumann, neumann:N")
+    m.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, e.g. per_block=true")
+    m.add_argument("--base", help="base model directory: checks shapes, gives widths of block_share layers")
+    m.add_argument("--peft-release", help="PEFT release that wrote the inputs, when their config does not record it")
+    m.add_argument("--allow-base-mismatch", action="store_true", help="merge adapters whose configs name different base models")
+    m.add_argument("--fold-into", metavar="BASE", help="write a full model instead: the merge folded into base model directory BASE (see `oftmerge fold`)")
+    m.add_argument("--shard-size", default="5GB", help="with --fold-into: largest shard of the model, e.g. 2GB (default: %(default)s)")
+    m.add_argument("--threads", type=int, default=1, help="torch threads for the arithmetic (default: %(default)s; see `oftmerge fold --help`)")
+    add_report_arguments(m, dry_run="print the plan; read no generator, write nothing")
+    m.set_defaults(func=_cmd_merge)
+
+    c = sub.add_parser(
+        "convert",
+        help="upgrade a legacy OFT checkpoint to the current PEFT layout (only where exact)",
+        description="Write an OFT adapter of an older PEFT release in the layout PEFT >= 0.18 loads.",
+    )
+    c.add_argument("adapter")
+    c.add_argument("-o", "--output", required=True)
+    c.add_argument("--peft-release", help="PEFT release that wrote the input, when its config does not record it")
+    c.add_argument("--approximate", action="store_true", help="allow the PEFT 0.16-0.17 -> 0.18 Neumann series change")
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("-q", "--quiet", action="store_true")
+    c.set_defaults(func=_cmd_convert)
+
+    ls = sub.add_parser("methods", help="list the merge methods and their options")
+    ls.set_defaults(func=_cmd_methods)
