@@ -342,53 +342,11 @@ def adapter_from_tensors(
             f"{weights_path}: tensor layout ({'packed oft_R' if packed else 'full oft_r'}) does not match the "
             f"release decided from {source}; fix peft_version in adapter_config.json or pass peft_release"
         )
-    shared = bool(config.get("block_share", False))
     rmap = _rotation_map(config, release)
-
-    modules: dict[str, ModuleSpec] = {}
-    for name, (key, layout, kind) in sorted(found.items()):
-        shape = tf.shape(key)
-        where = f"{weights_path}: module {name!r} ({key}, shape {shape})"
-        if layout == "packed":
-            if len(shape) != 2:
-                raise AdapterFormatError(f"{where}: expected (blocks, b*(b-1)/2)")
-            try:
-                b = block_size_from_packed(shape[1])
-            except ValueError as exc:
-                raise AdapterFormatError(f"{where}: {exc}") from None
-        else:
-            if len(shape) != 3 or shape[1] != shape[2]:
-                raise AdapterFormatError(f"{where}: expected (blocks, b, b)")
-            b = shape[1]
-        rows = shape[0]
-        if shared and rows != 1:
-            raise AdapterFormatError(f"{where}: block_share is set in the config but {rows} blocks are stored")
-        scale_key = scales.get(name)
-        out = tf.shape(scale_key)[0] if scale_key else None
-        features = None if shared else rows * b
-        if shared and release == "0.13" and int(config.get("r", 0) or 0) > 0:
-            features = int(config["r"]) * b  # 0.7-0.13: r blocks of ceil(out / r), padded
-        if base_shapes is not None:
-            features = _check_against_base(where, name, kind, release, b, rows, shared, features, base_shapes)
-        radius = _coft_radius(config, release, rows, b, features, out)
-        if radius is not None and math.isnan(radius):
-            raise IncompatibleAdaptersError(
-                f"{where}: COFT with block_share in a PEFT 0.14-0.15 adapter needs the layer width; "
-                "pass the base model (--base) so oftmerge can read it"
-            )
-        modules[name] = ModuleSpec(
-            name=name,
-            kind=kind,  # type: ignore[arg-type]
-            side="output" if release == "0.13" else "input",
-            block_size=b,
-            rows=rows,
-            shared=shared,
-            features=features,
-            key=key,
-            scale_key=scale_key,
-            out_features=out,
-            coft_radius=radius,
-        )
+    modules = {
+        name: _module_spec(tf, weights_path, config, name, key, layout, kind, release, scales.get(name), base_shapes)
+        for name, (key, layout, kind) in sorted(found.items())
+    }
     stray = sorted(set(scales) - set(found))
     if stray:
         raise AdapterFormatError(f"{weights_path}: oft_s without oft_r for module(s) {', '.join(stray)}")
@@ -403,6 +361,63 @@ def adapter_from_tensors(
         modules=modules,
         _file=tf,
         saved_base=saved_base,
+    )
+
+
+def _module_spec(
+    tf: TensorFile | TensorDict,
+    weights_path: Path,
+    config: Mapping[str, Any],
+    name: str,
+    key: str,
+    layout: str,
+    kind: str,
+    release: Release,
+    scale_key: str | None,
+    base_shapes: Mapping[str, tuple[int, ...]] | None,
+) -> ModuleSpec:
+    """One module's stored layout: block size, rows, width, COFT radius; checked against the base when given."""
+    shared = bool(config.get("block_share", False))
+    shape = tf.shape(key)
+    where = f"{weights_path}: module {name!r} ({key}, shape {shape})"
+    if layout == "packed":
+        if len(shape) != 2:
+            raise AdapterFormatError(f"{where}: expected (blocks, b*(b-1)/2)")
+        try:
+            b = block_size_from_packed(shape[1])
+        except ValueError as exc:
+            raise AdapterFormatError(f"{where}: {exc}") from None
+    else:
+        if len(shape) != 3 or shape[1] != shape[2]:
+            raise AdapterFormatError(f"{where}: expected (blocks, b, b)")
+        b = shape[1]
+    rows = shape[0]
+    if shared and rows != 1:
+        raise AdapterFormatError(f"{where}: block_share is set in the config but {rows} blocks are stored")
+    out = tf.shape(scale_key)[0] if scale_key else None
+    features = None if shared else rows * b
+    if shared and release == "0.13" and int(config.get("r", 0) or 0) > 0:
+        features = int(config["r"]) * b  # 0.7-0.13: r blocks of ceil(out / r), padded
+    if base_shapes is not None:
+        features = _check_against_base(where, name, kind, release, b, rows, shared, features, base_shapes)
+    radius = _coft_radius(config, release, rows, b, features, out)
+    if radius is not None and math.isnan(radius):
+        raise IncompatibleAdaptersError(
+            f"{where}: COFT with block_share in a PEFT 0.14-0.15 adapter needs the layer width; "
+            "pass the base model (--base) so oftmerge can read it"
+        )
+    return ModuleSpec(
+        name=name,
+        kind=kind,  # type: ignore[arg-type]
+        side="output" if release == "0.13" else "input",
+        block_size=b,
+        rows=rows,
+        shared=shared,
+        features=features,
+        key=key,
+        scale_key=scale_key,
+        out_features=out,
+        coft_radius=radius,
     )
 
 

@@ -197,30 +197,10 @@ def _merge_generators(
     return q_m, stats, margins, norms
 
 
-def decompose(
-    name: str,
-    w0: torch.Tensor,
-    ws: torch.Tensor,
-    weights: torch.Tensor,
-    settings: Settings,
-    *,
-    decouple: bool = True,
-    experts: tuple[int, ...] | None = None,
-) -> Decomposition:
-    """Split one tensor for the Euclidean merge (pure math: float64 tensors in, no files).
-
-    ``w0`` is the base tensor, ``ws`` ``(N, *shape)`` the experts' versions, ``weights``
-    ``(N,)``. With ``decouple`` (2-D weights that are not embeddings) and an orthogonal
-    method set, returns ``W0 R_m`` and the residuals; otherwise ``W0`` and the task
-    vectors. Safety nets (see ``docs/decoupling.md``): a rotation outside the Cayley
-    chart's domain (``on_domain_error``) and a merged rotation that moves ``W0`` by more
-    than ``max_rotation`` times the largest task vector fall back to the Euclidean
-    method alone for this tensor, with the reason in the report.
-    """
-    experts = tuple(range(ws.shape[0])) if experts is None else experts
-    if not decouple or settings.orthogonal is None:
-        return _euclidean_only(name, settings, "euclidean", w0, ws - w0, experts)
-    reference = settings.procrustes == "reference"
+def _fit_rotations(
+    name: str, w0: torch.Tensor, ws: torch.Tensor, settings: Settings, experts: tuple[int, ...]
+) -> tuple[list[Rotation], torch.Tensor, LayerReport]:
+    """Each expert's Procrustes rotation ``W0 R_i ~ T_i``, its residual ``W_i - W0 R_i``, and the tensor's report so far."""
     if settings.target == "conflict":
         taus = ws - w0
         task_norms = tuple(_norm(t) for t in taus)
@@ -249,6 +229,35 @@ def decompose(
     del targets
     report = LayerReport(name, tuple(w0.shape), "decoupled", experts, task_norms, fits=tuple(fits),
                          conflict_rows=rows, det_flips=flips, chart="cayley", notes=tuple(notes))
+    return rotations, rhos, report
+
+
+def decompose(
+    name: str,
+    w0: torch.Tensor,
+    ws: torch.Tensor,
+    weights: torch.Tensor,
+    settings: Settings,
+    *,
+    decouple: bool = True,
+    experts: tuple[int, ...] | None = None,
+) -> Decomposition:
+    """Split one tensor for the Euclidean merge (pure math: float64 tensors in, no files).
+
+    ``w0`` is the base tensor, ``ws`` ``(N, *shape)`` the experts' versions, ``weights``
+    ``(N,)``. With ``decouple`` (2-D weights that are not embeddings) and an orthogonal
+    method set, returns ``W0 R_m`` and the residuals; otherwise ``W0`` and the task
+    vectors. Safety nets (see ``docs/decoupling.md``): a rotation outside the Cayley
+    chart's domain (``on_domain_error``) and a merged rotation that moves ``W0`` by more
+    than ``max_rotation`` times the largest task vector fall back to the Euclidean
+    method alone for this tensor, with the reason in the report.
+    """
+    experts = tuple(range(ws.shape[0])) if experts is None else experts
+    if not decouple or settings.orthogonal is None:
+        return _euclidean_only(name, settings, "euclidean", w0, ws - w0, experts)
+    reference = settings.procrustes == "reference"
+    rotations, rhos, report = _fit_rotations(name, w0, ws, settings, experts)
+    task_norms = report.task_norms
 
     def fallback(reason: str) -> Decomposition:
         report.path = f"fallback: {reason}"

@@ -5,7 +5,13 @@ block size and count, ``||Q||_F`` over the whole module, a per-block summary, an
 orthogonality error ``||R^T R - I||_F`` (worst block) of the matrix PEFT actually applies —
 PEFT's truncated Cayley–Neumann series is far from a rotation when ``||Q||`` is not small.
 For several adapters: the cosine between their generators per shared module, and the magnitude
-correction ``c = sum ||Q_i|| / ||sum Q_i||`` the default merge would use.
+correction ``c = sum ||Q_i|| / ||sum Q_i||`` the default merge would use (or, when the adapters
+could not be merged, why not: ``merge.error``; the adapters are still described).
+
+``block_share`` adapters do not store the layer width. It comes from ``base`` or from another
+input that adapts the same module, and the two give the same ``||Q||_F``; where neither gives
+it, the norm is that of the stored block and ``q_norm_of`` says ``"stored block"`` (else
+``"module"``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 
 import torch
 
+from oftmerge.errors import OftMergeError
 from oftmerge.formats.checkpoint import Checkpoint
 from oftmerge.linalg import orthogonality_error
 from oftmerge.formats.peft_oft import OftAdapter, read_adapter
@@ -47,6 +54,7 @@ def _module_report(adapter: OftAdapter, name: str, width: int | None) -> dict[st
         "blocks": n,
         "shared": spec.shared,
         "q_norm": total,  # per stored block only when a shared block's width is unknown (blocks None)
+        "q_norm_of": "module" if n is not None or not spec.shared else "stored block",
         "block_q_norm": _block_stats(block_norms),
         "ortho_error": float(ortho.max()),
     }
@@ -109,8 +117,12 @@ def inspect_adapters(
                 pairs.append({"a": i, "b": j, "modules": len(cos), "cosine": _block_stats(torch.tensor(cos, dtype=torch.float64)) if cos else None})
         report["pairs"] = pairs
 
-        with quiet_merge_log():  # its warnings are part of this report, not log lines
-            result = merge_adapters(read, base=base, allow_base_mismatch=True)
+        try:
+            with quiet_merge_log():  # its warnings are part of this report, not log lines
+                result = merge_adapters(read, base=base, allow_base_mismatch=True)
+        except OftMergeError as exc:  # the adapters are described all the same; say why they would not merge
+            report["merge"] = {"error": str(exc), "modules": {}, "warnings": []}
+            return report
         report["merge"] = {
             "method": result.method,
             "modules": {
@@ -155,6 +167,8 @@ def render_report(report: dict[str, Any], *, max_modules: int = 20) -> str:
                 f"orthomerge magnitude correction c = sum ||Q_i|| / ||sum Q_i|| over {len(cs)} merged modules: "
                 f"{min(cs):.3f} .. {max(cs):.3f} (1: all point the same way; sqrt(N): N orthogonal ones of equal size)"
             )
+        if "error" in report["merge"]:
+            lines.append(f"these adapters would not merge: {report['merge']['error']}")
         for w in report["merge"]["warnings"]:
             lines.append(f"warning: {w}")
     return "\n".join(lines)

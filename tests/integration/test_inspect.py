@@ -87,3 +87,26 @@ def test_shared_blocks_count_once_per_block_they_stand_for(tmp_path):
     for m_alone, m_both in zip(alone, both):
         assert m_alone["blocks"] is None and m_both["blocks"] == widths[m_both["name"]] // 4
         assert m_both["q_norm"] == pytest.approx(m_alone["q_norm"] * m_both["blocks"] ** 0.5, rel=1e-12)
+
+
+def test_shared_block_norms_agree_with_base_or_another_adapter(tmp_path):
+    """--base and an unshared adapter give the same ||Q||_F; modules neither covers say they are per stored block."""
+    from safetensors.torch import save_file
+
+    from helpers import TinyNet
+
+    a, b, base = tmp_path / "a", tmp_path / "b", tmp_path / "base"
+    make_oft_adapter(a, seed=1, oft_block_size=4, block_share=True)
+    make_oft_adapter(b, seed=2, oft_block_size=4, targets=("lin_sq",))  # gives the width of lin_sq only
+    base.mkdir()
+    save_file({k: v.contiguous() for k, v in TinyNet(0).state_dict().items()}, str(base / "model.safetensors"))
+    with_base = {m["name"]: m for m in inspect_adapters([a], base=base)["adapters"][0]["modules"]}
+    report = inspect_adapters([a, b])  # the two cannot be merged without the widths: reported, not raised
+    with_other = {m["name"]: m for m in report["adapters"][0]["modules"]}
+    assert "block grid" in report["merge"]["error"]
+    assert with_other["lin_sq"]["q_norm"] == pytest.approx(with_base["lin_sq"]["q_norm"], rel=1e-12)
+    assert with_other["lin_sq"]["q_norm_of"] == with_base["lin_sq"]["q_norm_of"] == "module"
+    for name in ("lin_wide", "lin_tall"):
+        assert with_base[name]["q_norm_of"] == "module" and with_other[name]["q_norm_of"] == "stored block"
+        assert with_other[name]["q_norm"] == pytest.approx(with_base[name]["q_norm"] / with_base[name]["blocks"] ** 0.5, rel=1e-12)
+    assert "would not merge" in render_report(report)
