@@ -101,12 +101,8 @@ def parse_size(size: int | str) -> int:
     else:
         text = str(size).strip()
         units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
-        for unit, factor in units.items():
-            if text.upper().endswith(unit):
-                number = text[: -len(unit)].strip()
-                break
-        else:
-            number, factor = text, 1
+        unit = next((u for u in units if text.upper().endswith(u)), "")
+        number, factor = (text[: -len(unit)].strip(), units[unit]) if unit else (text, 1)
         try:
             value = int(float(number) * factor)
         except ValueError:
