@@ -230,10 +230,11 @@ class DecoupleConfig(_Serialisable):
                                      (self.on_domain_error, ON_DOMAIN_ERROR, "on_domain_error")):  # fmt: skip
             if value not in allowed:
                 raise OftMergeError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
-        for value, what in ((self.anchor, "anchor"), (self.cayley_margin, "cayley_margin"), (self.max_rotation, "max_rotation")):
-            if not (math.isfinite(value) and value >= 0):
-                raise OftMergeError(f"{what} must be a finite number >= 0, got {value!r}")
-        set_(self, "euclidean_only", tuple(self.euclidean_only))
+        for number, what in ((self.anchor, "anchor"), (self.cayley_margin, "cayley_margin"), (self.max_rotation, "max_rotation")):
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or not (math.isfinite(number) and number >= 0):
+                raise OftMergeError(f"{what} must be a finite number >= 0, got {number!r}")
+        only = self.euclidean_only
+        set_(self, "euclidean_only", (only,) if isinstance(only, str) else tuple(only))
         for pattern in self.euclidean_only:
             try:
                 re.compile(pattern)

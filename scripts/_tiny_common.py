@@ -175,7 +175,7 @@ def lm_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits[:, :-1, :].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
-def train_until(model, opt, rows: "RowMaker", tok, task: str, replay: list, n_own: int, n_distill: int,
+def train_until(model, opt, rows: RowMaker, tok, task: str, replay: list, n_own: int, n_distill: int,
                 n_text: int, args, label: str) -> tuple[int, list[dict], str]:
     """Train an expert on ``task`` (own rows + self-distilled replay + text) until its validation
     accuracy reaches ``args.target`` or ``args.max_steps``; returns (steps, history, why it stopped)."""

@@ -70,10 +70,10 @@ def rotate_columns(w, seed: int, strength: float):
 def make_expert(path: Path, base: Path, index: int, args: argparse.Namespace) -> None:
     import torch
 
-    from oftmerge.ops.decouple import EMBEDDING_PATTERN
+    from oftmerge.engine.commit import atomic_directory
     from oftmerge.formats.checkpoint import Checkpoint
-    from oftmerge.formats.io import atomic_directory
     from oftmerge.formats.shards import ShardedWriter, parse_size
+    from oftmerge.plan.decouple import EMBEDDING_PATTERN
 
     ckpt = Checkpoint(base)
     embedding = re.compile(EMBEDDING_PATTERN)
@@ -272,7 +272,8 @@ def solver_bench(args: argparse.Namespace) -> list[str]:
     """The exact (SVD) and fast (Newton) Procrustes on one d x d layer, one expert, in this process."""
     import torch
 
-    from oftmerge.linalg.procrustes import _polar_of_cross, _ortho_error
+    from oftmerge.linalg import orthogonality_error
+    from oftmerge.linalg.procrustes import _polar_of_cross
 
     d = args.solver_dim
     g = torch.Generator().manual_seed(7)
@@ -300,9 +301,9 @@ def solver_bench(args: argparse.Namespace) -> list[str]:
     shift = float(torch.linalg.matrix_norm(w0 @ (r_fast - r_exact)) / torch.linalg.matrix_norm(w0))
     lines += [
         f"fast solver: {info.iterations} Newton steps (the first in float64, then float32, one float64 Newton-Schulz polish), "
-        f"fell back: {info.fell_back}; ||R^T R - I||_F = {_ortho_error(r_fast):.2g} (exact, float64; target <= 1e-5: "
-        f"{'met' if _ortho_error(r_fast) <= 1e-5 else '**missed**'}; the solver's own estimate {info.ortho_error:.2g}); "
-        f"exact solver: {_ortho_error(r_exact):.2g}",
+        f"fell back: {info.fell_back}; ||R^T R - I||_F = {float(orthogonality_error(r_fast)):.2g} (exact, float64; target <= 1e-5: "
+        f"{'met' if float(orthogonality_error(r_fast)) <= 1e-5 else '**missed**'}; the solver's own estimate {info.ortho_error:.2g}); "
+        f"exact solver: {float(orthogonality_error(r_exact)):.2g}",
         f"||R_fast - R_exact||_F = {float(torch.linalg.matrix_norm(r_fast - r_exact)):.2g}; ||W0 (R_fast - R_exact)||_F / ||W0||_F = "
         f"{shift:.2g}; fit ||T - W0 R||_F: exact {fit(r_exact):.9g}, fast {fit(r_fast):.9g}",
         f"dense SVD time / fast time = {svd_t / rows[2][1]:.2f}x (target >= 3x: {'met' if svd_t / rows[2][1] >= 3 else '**missed**'}); "

@@ -41,7 +41,7 @@ def make_base(path: Path, args: argparse.Namespace) -> None:
     import torch
     from transformers import LlamaConfig
 
-    from oftmerge.formats.io import atomic_directory
+    from oftmerge.engine.commit import atomic_directory
     from oftmerge.formats.shards import ShardedWriter
 
     config = LlamaConfig(
@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             ratios.append(f"oftmerge time / {floor} floor time = {x:.2f}x (target <= 1.5x: {verdict(x <= 1.5)})")
     for r in ratios:
         print(r)
-    ratios.append(f"load average (1 min) before / after the measurements: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other jobs shared the machine)")
+    ratios.append(f"load average (1 min) before / after the measurements: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f} "
+                  f"on {os.cpu_count()} cores (other jobs shared the machine)")
     if args.write_docs:
         write_docs(args, results, all_runs, ratios, check, base)
     return 0

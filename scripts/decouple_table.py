@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from oftmerge.ops.decouple import decouple_merge  # noqa: E402
 from oftmerge.demo.tasks import TASK_NAMES  # noqa: E402
+from oftmerge.ops.decouple import decouple_merge  # noqa: E402
 
 DOC = REPO / "docs" / "decoupling.md"
 MARKERS = {"table": ("<!-- decouple-table:start -->", "<!-- decouple-table:end -->"),
@@ -169,7 +169,8 @@ def memory(args) -> str:
              "(out, in). Each run is a fresh process; after a warm-up merge of a tiny model (imports, BLAS buffers) "
              "the kernel's high-water mark is reset, and the peak RSS of the run is given above the RSS before it. The bound "
              "is the working set stated above (`bound_mb`: 8 B x [(N + 12) in^2 + (5N + 4) out in], or for wide layers "
-             "8 B x [4 in^2 + (N + 3) in k + (N + 14) k^2 + (N + 1) out k + (5N + 4) out in] with k = 2 out). glibc's default malloc raises its mmap threshold as large blocks are freed, after which "
+             "8 B x [4 in^2 + (N + 3) in k + (N + 14) k^2 + (N + 1) out k + (5N + 4) out in] with k = 2 out). "
+             "glibc's default malloc raises its mmap threshold as large blocks are freed, after which "
              "freed tensors fragment the heap and the peak creeps up by about a block per layer; with "
              "`MALLOC_MMAP_THRESHOLD_=65536` (fixed threshold) the peak is flat in the number of layers:", "",
              "| layers | out x in | model (MB, float32) | all inputs (MB) | bound (MB) | peak, default malloc (MB) | "
@@ -222,7 +223,7 @@ def main() -> None:
         if start not in text:
             text += f"\n{start}\n{end}\n"
         block = "\n".join([start, *body, end])
-        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _, block=block: block, text, flags=re.S)
     args.doc.write_text(text)
     print(f"wrote {args.doc}")
 

@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from oftmerge import merge_adapters
-    from oftmerge.ops.inspect import inspect_adapters
     from oftmerge.demo.evaluate import format_table, score
+    from oftmerge.ops.inspect import inspect_adapters
     from oftmerge.ops.merge import quiet_merge_log
 
     transformers.logging.set_verbosity_error()

@@ -291,7 +291,7 @@ def _run_case(release: str, case: dict, out_root: Path, gm) -> dict:
     if case_dir.exists():
         shutil.rmtree(case_dir)
     case_dir.mkdir(parents=True)
-    caught: list[warnings.WarningMessage] = []
+    caught: list[warnings.WarningMessage]
     seed = _case_seed(release, name)
 
     with warnings.catch_warnings(record=True) as caught:

@@ -82,13 +82,13 @@ def copy_inputs(tmp: Path) -> None:
 
 def make_experts(tmp: Path) -> None:
     """Two LoRA adapters and one full finetune of the bundled base, from fixed seeds (no training)."""
+    import shutil
+    import warnings
+
     import torch
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
-
-    import shutil
-    import warnings
 
     for k, name in enumerate(("lora-a", "lora-b")):
         model = AutoModelForCausalLM.from_pretrained(tmp / "adapters" / "base")

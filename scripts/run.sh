@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine with only Python 3.11:
 #   bash scripts/run.sh demo     merge the bundled adapters, save, reload with PEFT, print the table
-#   bash scripts/run.sh test     run the test suite (extra pytest arguments are passed through)
+#   bash scripts/run.sh test     lint (ruff), type-check (mypy), then run the test suite; CI runs exactly this
+#   bash scripts/run.sh test ARGS...   only pytest, with these arguments (e.g. -m "not slow" -x)
 # Creates ./.venv on first use and installs what is needed (idempotent: reinstalls only when
 # pyproject.toml changes). torch is installed FIRST, pinned to the CPU wheel, so that pip does not
 # pull a multi-GB CUDA build when resolving the project's dependencies.
@@ -31,6 +32,13 @@ shift || true
 export PYTHONHASHSEED=0
 case "$cmd" in
     demo) exec "$VENV/bin/oftmerge" demo "$@" ;;
-    test) exec "$VENV/bin/python" -m pytest "$@" ;;
+    test)
+        # With no arguments (the full run, as in CI): ruff and mypy first, each failing the run on a
+        # finding. With arguments: only pytest, with those arguments (quick subsets, single files).
+        if [ "$#" -eq 0 ]; then
+            "$VENV/bin/ruff" check oftmerge scripts tests
+            "$VENV/bin/mypy" oftmerge
+        fi
+        exec "$VENV/bin/python" -m pytest "$@" ;;
     *) echo "usage: bash scripts/run.sh demo|test [args...]" >&2; exit 2 ;;
 esac

@@ -28,7 +28,11 @@ import warnings
 from pathlib import Path
 
 import train_oft_adapters as oft_script
+
 from _tiny_common import BASE_DIR, REPO, THREADS, RowMaker, load_stdlib_text, setup_determinism, train_until
+
+# isort: split
+# (above: _tiny_common puts the repository on sys.path, so it is imported before the rest)
 
 import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402

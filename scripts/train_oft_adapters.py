@@ -26,6 +26,9 @@ from pathlib import Path
 
 from _tiny_common import ADAPTERS, BASE_DIR, THREADS, RowMaker, load_stdlib_text, setup_determinism, train_until
 
+# isort: split
+# (above: _tiny_common puts the repository on sys.path, so it is imported before the rest)
+
 import torch  # noqa: E402
 from peft import OFTConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402

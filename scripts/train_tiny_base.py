@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
-from _tiny_common import (BASE_DIR, BOS, EOS, PAD, SEQ_LEN, THREADS, VOCAB_SIZE, RowMaker, build_tokenizer,
-                          load_stdlib_text, lm_loss, setup_determinism)
+from _tiny_common import BASE_DIR, BOS, EOS, PAD, SEQ_LEN, THREADS, VOCAB_SIZE, RowMaker, build_tokenizer, lm_loss, load_stdlib_text, setup_determinism
+
+# isort: split
+# (above: _tiny_common puts the repository on sys.path, so it is imported before the rest)
 
 import torch  # noqa: E402
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402

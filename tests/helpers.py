@@ -265,3 +265,40 @@ def rotated_copy(model: torch.nn.Module, rotations: dict[str, torch.Tensor]) -> 
             w = modules[name].weight
             w.copy_((w.double() @ r.T).to(w.dtype))
     return model
+
+
+# -- decoupling experts of a base model directory (as scripts/reference_outputs.py makes them) --------
+
+
+def save_lora_expert(path: Path, base: Path, *, seed: int, targets: Sequence[str] = ("q_proj", "v_proj", "down_proj"), r: int = 4) -> Path:
+    """A PEFT LoRA adapter of the ``transformers`` model in ``base`` with seeded random A and B (no training)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        model.save_pretrained(str(path))
+    return path
+
+
+def save_full_expert(path: Path, base: Path, *, seed: int, std: float = 0.01) -> Path:
+    """A "full finetune" of the one-file model in ``base``: every floating tensor plus seeded noise, other files copied."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path.mkdir(parents=True)
+    for f in Path(base).iterdir():
+        if f.is_file() and f.name != "model.safetensors":
+            shutil.copyfile(f, path / f.name)
+    g = torch.Generator().manual_seed(seed)
+    tensors = load_file(str(Path(base) / "model.safetensors"))
+    out = {k: (t + std * torch.randn(t.shape, generator=g).to(t.dtype)) if t.is_floating_point() else t for k, t in sorted(tensors.items())}
+    save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path

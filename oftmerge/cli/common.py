@@ -14,11 +14,11 @@ from oftmerge.errors import OftMergeError
 __all__ = ["add_report_arguments", "parse_options", "parse_weights", "print_report", "progress_line", "require_output"]
 
 
-def parse_weights(text: str | None) -> list[float] | None:
+def parse_weights(text: str | None) -> tuple[float, ...] | None:
     if text is None:
         return None
     try:
-        return [float(x) for x in text.split(",")]
+        return tuple(float(x) for x in text.split(","))
     except ValueError:
         raise OftMergeError(f"--weights expects comma-separated numbers, e.g. 1,1,0.5; got {text!r}") from None
 

@@ -48,9 +48,9 @@ def _cmd_decouple(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from oftmerge.methods.decoupling import MAX_ROTATION, ON_DOMAIN_ERROR, TARGETS
     from oftmerge.linalg.procrustes import SOLVERS
     from oftmerge.methods import available_methods
+    from oftmerge.methods.decoupling import MAX_ROTATION, ON_DOMAIN_ERROR, TARGETS
     from oftmerge.methods.euclidean import euclidean_methods
 
     p = sub.add_parser(

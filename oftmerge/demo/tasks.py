@@ -25,8 +25,8 @@ from __future__ import annotations
 import hashlib
 import random
 import string
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 SPLITS = ("train", "validation", "test")
 # Share of the input space (per task) that goes to each split, in 1/20ths.

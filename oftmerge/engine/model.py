@@ -148,7 +148,8 @@ def write_model(
 
 def _write_share(group: Group, write_mine: Callable[[Path], None], after_shards: Callable[[], None] | None) -> None:
     """A process other than the main one: write this process's shards into the main process's directory."""
-    tmp_name, error = group.broadcast(None)  # A
+    received: tuple[str | None, str | None] = group.broadcast(None)  # A
+    tmp_name, error = received
     if tmp_name is None:
         raise DistributedError(f"process 0 of {group.size} failed: {error}")
     with group.checked():  # B

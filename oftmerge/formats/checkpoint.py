@@ -15,6 +15,7 @@ process, which is what a streaming fold over a large model needs.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ class RawTensor:
             raise AdapterFormatError(f"{self.path}: dtype {self.dtype} is not handled by oftmerge") from None
         buf = torch.empty(self.nbytes, dtype=torch.uint8)
         if self.nbytes:
-            view = memoryview(buf.numpy())
+            view = memoryview(buf.numpy())  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only on 3.12+
             with open(self.path, "rb", buffering=0) as f:
                 f.seek(self.offset)
                 done = 0
@@ -85,7 +86,7 @@ _INDEX = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 class Checkpoint:
     """The tensors of a model directory, by name, across shards."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         if not self.path.is_dir():
             raise AdapterFormatError(f"{self.path}: base model directory not found")

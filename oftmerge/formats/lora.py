@@ -161,6 +161,7 @@ class LoraAdapter:
                 )
             shape = shapes[key]
             a, b = self._file.shape(m.a_key), self._file.shape(m.b_key)
+            want: tuple[int, ...]
             if m.kind == "embedding":
                 want = (a[1], b[0])
             elif m.kind == "conv":

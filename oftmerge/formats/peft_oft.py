@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,7 +233,7 @@ def _decide_release(
 
 
 def _rotation_map(config: Mapping[str, Any], release: Release) -> RotationMap:
-    if release in ("0.13", "0.15"):
+    if release == "0.13" or release == "0.15":  # (== narrows the Literal for mypy; `in` does not)
         return RotationMap("exact")
     if config.get("use_cayley_neumann", True):  # default True since 0.16 (whatever the docstring says)
         return RotationMap("neumann", int(config.get("num_cayley_neumann_terms", 5)), release)
@@ -257,7 +258,7 @@ def _coft_radius(
 
 
 def read_adapter(
-    path: str | Path,
+    path: str | os.PathLike[str],
     *,
     peft_release: str | None = None,
     base_shapes: Mapping[str, tuple[int, ...]] | None = None,

@@ -164,7 +164,7 @@ def _write_tensor(f: BinaryIO, tensor: torch.Tensor) -> None:
         t = t.cpu()
     t = t.contiguous()
     if t.numel():
-        f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only on 3.12+
 
 
 def _copy_raw(f: BinaryIO, raw: RawTensor) -> None:
@@ -234,7 +234,7 @@ class ShardedWriter:
 
     Args:
         directory: an existing directory, normally the temporary one of
-            :func:`~oftmerge.formats.io.atomic_directory`.
+            :func:`~oftmerge.engine.commit.output_directory`.
         max_shard_bytes: bytes per shard, or ``"5GB"``-style text.
         metadata: extra string metadata for every shard (``format: pt`` is always set).
         layout: the tensors (:class:`TensorInfo`) that will be added, in order;
@@ -488,7 +488,7 @@ def copy_model_files(base_dir: Path, tmp: Path, config_updates: Mapping[str, Any
 def plan_model(
     base: str | os.PathLike[str] | Checkpoint, shard_size: int | str = "5GB", *, untie: tuple[str, str] | None = None
 ) -> list[list[TensorInfo]]:
-    """The shards :func:`write_model` would write for this base: lists of :class:`TensorInfo`, in order."""
+    """The shards :func:`~oftmerge.engine.model.write_model` would write for this base: lists of :class:`TensorInfo`, in order."""
     ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base)
     keys = ckpt.keys_in_file_order()
     if untie is not None:

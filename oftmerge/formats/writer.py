@@ -138,8 +138,8 @@ def choose_block_config(grids: Mapping[str, tuple[int, int]], prefer: tuple[int,
             f"{detail}. Merge fewer adapters at once, or fold into the base model instead (--fold-into), "
             "which has no such constraint."
         )
-    sizes = {name: best[2][pair] for name, pair in grids.items()}
-    return BlockConfig(r=best[1][0], oft_block_size=best[1][1], sizes=sizes)
+    module_sizes = {name: best[2][pair] for name, pair in grids.items()}
+    return BlockConfig(r=best[1][0], oft_block_size=best[1][1], sizes=module_sizes)
 
 
 def write_adapter_files(

@@ -33,9 +33,8 @@ def _hub_id(value: str | None) -> str | None:
 def _render(meta: dict[str, Any], body: str) -> str:
     """A README with YAML front matter written by ``huggingface_hub``'s ``ModelCardData`` when it is there.
 
-    ``huggingface_hub.repocard_data`` alone, not ``ModelCard``: the latter imports the Hub client
-    (0.2 s, a tenth of a CLI merge) to produce the same text (``tests/test_hub.py`` reads it back
-    with ``ModelCard``).
+    ``huggingface_hub.repocard_data`` alone, not ``ModelCard``: the latter also imports the Hub client
+    to produce the same text (which ``ModelCard.load`` reads back).
     """
     meta = {k: v for k, v in meta.items() if v is not None}
     try:

@@ -32,9 +32,8 @@ def adapter_rotation(adapter: OftAdapter, name: str) -> torch.Tensor:
 
 
 #: Rows of a weight are folded in chunks of about this many bytes (in the compute dtype): small
-#: enough to stay in the CPU cache, large enough for one batched product per chunk to be cheap.
-#: On a 2-core machine this was 3-5x faster than one contraction over the whole weight, and it
-#: keeps the float32 temporaries of a bf16 weight at one chunk instead of several full copies.
+#: enough to stay in the CPU cache, large enough for one batched product per chunk to be cheap,
+#: and the float32 temporaries of a bf16 weight stay at one chunk instead of several full copies.
 CHUNK_BYTES = 1 << 18
 
 

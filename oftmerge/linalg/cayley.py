@@ -1,6 +1,6 @@
 """The Cayley map, its inverse, PEFT's Cayley–Neumann series and COFT's projection.
 
-Conventions (checked against PEFT's own ``merge_and_unload`` in ``tests/``):
+Conventions (the test suite checks them against PEFT's own ``merge_and_unload``):
 
 * ``cayley(Q) = (I - Q)(I + Q)^-1`` is the map PEFT's exact path uses
   (``use_cayley_neumann=False``), in every release.

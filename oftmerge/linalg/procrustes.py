@@ -39,8 +39,7 @@ anchor's rounding). :class:`Rotation` keeps ``R`` in that factored form; the det
 flips ``C``'s smallest singular direction.
 
 (The 5-step quintic "Newton–Schulz" of Muon, coefficients 3.4445, -4.7750,
-2.0315, is not offered: it does not converge to the polar factor — Trap 2,
-pinned by ``tests/test_procrustes.py``.)
+2.0315, is not offered: it does not converge to the polar factor — Trap 2.)
 
 The Cayley chart ``Q = (I - R)(I + R)^-1`` needs ``I + R`` invertible:
 :func:`cayley_margin` is the smallest singular value of ``I + R`` (``2 cos(theta/2)``
@@ -224,9 +223,8 @@ def polar_newton(
     at roughly half the cost, stopping at ``max(step_tol, 1e-3)``; then one Newton–Schulz step in
     float64, ``X (I - E / 2)`` with ``E = X^T X - I``, brings ``||X^T X - I||`` from float32's
     ~1e-5 to ~``||E||^2``. The result agrees with the float64 polar factor to about float32's
-    precision times the condition number of the second iterate (measured at d = 4096, condition
-    number 1e6: ``||R - R_exact||_F`` 6e-5, ``||W0 (R - R_exact)|| / ||W0||`` 2e-7, the same fit to 3e-10;
-    docs/benchmarks.md). The caller checks ``ortho_error`` (a singular ``m`` does not converge).
+    precision times the condition number of the second iterate. The caller checks ``ortho_error``
+    (a singular ``m`` does not converge).
     ``stop_on_reflection``: return after the first LU when ``det(m) <= 0`` (the polar factor is then
     not a rotation; the Procrustes solver hands such a matrix to the SVD path).
     """

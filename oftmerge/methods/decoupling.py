@@ -211,7 +211,7 @@ def _fit_rotations(
     else:  # the task vectors one at a time: no (N, out, in) copy beside the experts' stack
         task_norms = tuple(_norm(w - w0) for w in ws)
         targets, rows = ws, ()
-    n, d = ws.shape[0], w0.shape[1]
+    n = ws.shape[0]
     fits, flips, notes = [], 0, []
     rhos = torch.empty_like(ws)
     rotations: list[Rotation] = []  # factored (row space) for wide layers: no in x in matrix per expert

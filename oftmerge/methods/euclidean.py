@@ -29,8 +29,7 @@ signs from the unweighted trimmed values and takes the weighted disjoint mean (a
 ``calculate_majority_sign_mask(method="total")``, ``disjoint_merge``), whose
 definitions are the ones written above, and are pinned against them in the tests; they
 are implemented here, one expert at a time (no ``(N, *shape)`` temporaries beyond the
-trimmed copy) and with an O(n) selection (``kthvalue``) instead of a ``topk``, which on
-the 1B benchmark (``docs/benchmarks.md``) made TIES several times faster. DARE does not reuse PEFT's
+trimmed copy) and with an O(n) selection (``kthvalue``) instead of a sort (``topk``). DARE does not reuse PEFT's
 ``random_pruning``: it draws from the global RNG, and merges must be reproducible
 per tensor.
 

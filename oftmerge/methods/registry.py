@@ -179,7 +179,7 @@ def describe_methods() -> str:
 
 
 def methods_table() -> str:
-    """The Markdown table of every method and option (``docs/methods.md`` is generated from it)."""
+    """The Markdown table of every method and option (the documentation's methods page is generated from it)."""
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
 

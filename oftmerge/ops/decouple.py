@@ -1,7 +1,7 @@
 """Orthogonal-Residual Decoupling: merge LoRA and fully finetuned experts through the rotation/residual split.
 
 For every 2-D weight ``W0`` ``(out, in)`` (torch layout) and the experts' versions ``W_i``
-(OrthoMerge paper, section 3.3; ``docs/decoupling.md``)::
+(OrthoMerge paper, section 3.3)::
 
     T_i   = W_i                                   target "global"
           = W0 + tau_i * mask_i                   target "conflict": the rows (output neurons) whose
@@ -41,9 +41,9 @@ import torch
 from oftmerge.config import DecoupleConfig, RunOptions
 from oftmerge.engine.commit import check_output
 from oftmerge.engine.distributed import Group, is_main, process_group
-from oftmerge.errors import OftMergeError
 from oftmerge.engine.model import write_model
 from oftmerge.engine.threads import torch_threads
+from oftmerge.errors import OftMergeError
 from oftmerge.integrations.cards import decoupled_model_card
 from oftmerge.kernels.decouple import decouple_weight, merge_residuals
 from oftmerge.methods.decoupling import MAX_ROTATION, Decomposition, LayerReport, Settings
@@ -212,7 +212,7 @@ def decouple_merge(
         target: ``global`` (``T_i = W_i``) or ``conflict`` (only the rows that oppose the mean).
         procrustes: ``robust`` (default), ``reference`` (the paper's plain SVD, bit for bit,
             safety nets reported but not applied) or ``fast`` (Newton polar iteration, checked).
-        weights: one non-zero weight per expert (default 1); see ``docs/decoupling.md``.
+        weights: one non-zero weight per expert (default 1).
         euclidean_options, orthogonal_options: the methods' own options (``density``, ``p``,
             ``seed``, ``scale``, ``fraction``, ``trim``; ``per_block``, ``cancel_tol``).
         anchor: null-space anchor ``mu = anchor * ||W0^T T||_2`` of the robust/fast solvers.

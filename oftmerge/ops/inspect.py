@@ -25,8 +25,8 @@ import torch
 
 from oftmerge.errors import OftMergeError
 from oftmerge.formats.checkpoint import Checkpoint
-from oftmerge.linalg import orthogonality_error
 from oftmerge.formats.peft_oft import OftAdapter, read_adapter
+from oftmerge.linalg import orthogonality_error
 from oftmerge.ops.merge import merge_adapters, quiet_merge_log
 from oftmerge.plan.merge import module_norm, to_grid
 

@@ -124,7 +124,7 @@ def merge_adapters(
         config = MergeConfig(
             tuple(adapters), method=method, weights=None if weights is None else tuple(weights), scale=scale, cayley=cayley,
             method_options=dict(method_options or {}), base=None if base is None else os.fspath(base),
-            peft_release=tuple(peft_release) if isinstance(peft_release, (list, tuple)) else peft_release,
+            peft_release=peft_release if peft_release is None or isinstance(peft_release, str) else tuple(peft_release),
             allow_base_mismatch=allow_base_mismatch, output=output,
         )  # fmt: skip
     if run is None:

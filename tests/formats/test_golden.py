@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 import oftmerge
-from oftmerge.ops.convert import convert_adapter
 from oftmerge.errors import OftMergeError
 from oftmerge.kernels.fold import adapter_rotation, fold_weight
+from oftmerge.ops.convert import convert_adapter
 
 from helpers import GOLDEN, golden_model, orthomerge_generator, peft_rotation, read_full_generator, rotated_copy
 
@@ -40,7 +40,8 @@ def test_reader_detects_the_release(case):
     version = _meta(case)["peft_version"]
     adapter = oftmerge.read_adapter(case / "adapter")
     assert adapter.release == FAMILY[version]
-    stored = load_file(case / "adapter" / "adapter_model.safetensors") if (case / "adapter" / "adapter_model.safetensors").exists() else torch.load(case / "adapter" / "adapter_model.bin", weights_only=True)
+    weights = case / "adapter" / "adapter_model.safetensors"
+    stored = load_file(weights) if weights.exists() else torch.load(case / "adapter" / "adapter_model.bin", weights_only=True)
     assert {s.key for s in adapter.modules.values()} | {s.scale_key for s in adapter.modules.values() if s.scale_key} == set(stored)
 
 
@@ -112,7 +113,7 @@ def _converted_forward_matches(case: Path, out: Path) -> None:
     inputs = load_file(case / "input.safetensors")
     merged = peft_model.merge_and_unload()
     expected = load_file(case / "expected.safetensors")
-    for name, spec in oftmerge.read_adapter(out).modules.items():
+    for name in oftmerge.read_adapter(out).modules:
         torch.testing.assert_close(merged.state_dict()[f"{name}.weight"], expected[f"merged.{name}.weight"], rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(merged(**inputs), expected["out_merged"], rtol=1e-5, atol=1e-5)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from oftmerge.errors import OftMergeError, OutputExistsError
-from oftmerge.formats.checkpoint import Checkpoint
 from oftmerge.engine.commit import atomic_directory
 from oftmerge.engine.model import write_model
+from oftmerge.errors import OftMergeError, OutputExistsError
+from oftmerge.formats.checkpoint import Checkpoint
 from oftmerge.formats.shards import ShardedWriter, TensorInfo, parse_size
 
 from helpers import digests
@@ -36,7 +36,8 @@ def _read_all(path: Path) -> dict[str, torch.Tensor]:
 
 def test_sharded_writer_buffered_and_planned_write_the_same_bytes(tmp_path):
     tensors = _mixed_tensors()
-    layout = [TensorInfo(k, {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64", torch.bool: "BOOL"}[v.dtype], tuple(v.shape)) for k, v in tensors.items()]
+    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64", torch.bool: "BOOL"}
+    layout = [TensorInfo(k, names[v.dtype], tuple(v.shape)) for k, v in tensors.items()]
     for mode, lay in (("buffered", None), ("planned", layout)):
         (tmp_path / mode).mkdir()
         writer = ShardedWriter(tmp_path / mode, max_shard_bytes=300, layout=lay)

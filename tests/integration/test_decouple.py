@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from oftmerge.ops.decouple import decouple_merge
 from oftmerge.errors import AdapterFormatError, IncompatibleAdaptersError, NumericalError, OftMergeError, OutputExistsError
 from oftmerge.formats.checkpoint import Checkpoint
 from oftmerge.formats.lora import UnsupportedLoraError
 from oftmerge.methods.euclidean import TensorContext
+from oftmerge.ops.decouple import decouple_merge
 
 from helpers import F64
 
@@ -244,14 +244,22 @@ def test_missing_tensors_are_refused(models, tmp_path):
 def test_lora_for_another_base_is_refused(models, tmp_path):
     other = _save_llama(tmp_path / "wide", 7, config=_llama_config(hidden=32))
     lora = _save_lora(tmp_path / "lora", other, 1)
-    with pytest.raises(IncompatibleAdaptersError, match=r"LoRA module 'model.layers.0.mlp.down_proj' has factors A \(4, 24\), B \(32, 4\) for a weight of shape \(32, 24\), but the base model's 'model.layers.0.mlp.down_proj.weight' has shape \(16, 24\); the adapter was trained on another model \(its config names '.*wide'\)"):
+    with pytest.raises(
+        IncompatibleAdaptersError,
+        match=r"LoRA module 'model.layers.0.mlp.down_proj' has factors A \(4, 24\), B \(32, 4\) for a weight of shape \(32, 24\), "
+        r"but the base model's 'model.layers.0.mlp.down_proj.weight' has shape \(16, 24\); "
+        r"the adapter was trained on another model \(its config names '.*wide'\)",
+    ):
         decouple_merge(models["base"], [lora], out_dir=tmp_path / "o")
     cfg = json.loads((models["lora"] / "adapter_config.json").read_text())
     (tmp_path / "renamed").mkdir()
     tensors = load_file(models["lora"] / "adapter_model.safetensors")
     save_file({k.replace("self_attn", "attention"): v for k, v in tensors.items()}, tmp_path / "renamed" / "adapter_model.safetensors")
     (tmp_path / "renamed" / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(IncompatibleAdaptersError, match=r"LoRA module 'model.layers.0.attention.k_proj' has no tensor 'model.layers.0.attention.k_proj.weight' in the base model"):
+    with pytest.raises(
+        IncompatibleAdaptersError,
+        match=r"LoRA module 'model.layers.0.attention.k_proj' has no tensor 'model.layers.0.attention.k_proj.weight' in the base model",
+    ):
         decouple_merge(models["base"], [tmp_path / "renamed"], out_dir=tmp_path / "o")
 
 
@@ -323,8 +331,9 @@ def test_cli(models, tmp_path, capsys):
 def test_16_bit_models_merge_elementwise_in_float32(tmp_path, euclidean, monkeypatch):
     """bf16 checkpoints: TA/TIES/DARE run in float32 (half the traffic of float64) and give the
     float64 result rounded to bf16, bar a rare double rounding of one ulp."""
-    import oftmerge.methods.euclidean as E
     from transformers import LlamaForCausalLM
+
+    import oftmerge.methods.euclidean as E
 
     base = LlamaForCausalLM(_llama_config(hidden=32)).to(torch.bfloat16)
     base.save_pretrained(tmp_path / "base")

@@ -14,7 +14,6 @@ from oftmerge.formats.checkpoint import Checkpoint
 
 from helpers import GOLDEN, LLAMA_IDS, digests, load_llama, make_llama_adapter, peft_llama, save_llama
 
-
 GOLDEN_CASES = sorted(p for p in GOLDEN.glob("peft-*/*") if (p / "adapter").is_dir())
 
 
@@ -160,7 +159,9 @@ def test_fold_refuses_an_adapter_of_another_model(llama, tmp_path):
     from oftmerge.errors import IncompatibleAdaptersError
     from oftmerge.ops.fold import fold_adapter
 
-    with pytest.raises(IncompatibleAdaptersError, match=r"module 'head' .*the base model has no weight 'head.weight'; this adapter was trained on another base model"):
+    with pytest.raises(
+        IncompatibleAdaptersError, match=r"module 'head' .*the base model has no weight 'head.weight'; this adapter was trained on another base model"
+    ):
         fold_adapter(GOLDEN / "peft-0.21.2" / "exact_bs4" / "adapter", llama["bases"]["f32"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

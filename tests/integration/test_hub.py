@@ -91,7 +91,9 @@ def test_push_is_one_huggingface_hub_commit(folded, monkeypatch):
     calls = []
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create_repo", repo_id, kw)))
     monkeypatch.setattr(
-        huggingface_hub.HfApi, "create_commit", lambda self, repo_id, operations, **kw: calls.append(("create_commit", repo_id, list(operations), kw)) or "commit-info"
+        huggingface_hub.HfApi,
+        "create_commit",
+        lambda self, repo_id, operations, **kw: calls.append(("create_commit", repo_id, list(operations), kw)) or "commit-info",
     )
     assert push_folder(folded, "me/folded-model", private=True) == "commit-info"
     (_, repo, kw_repo), (_, repo2, ops, kw_commit) = calls

@@ -12,7 +12,6 @@ from oftmerge.ops.fold import fold_adapter
 
 from helpers import digests
 
-
 _CRASH_CHILD = r"""
 import os, signal, sys
 from oftmerge.engine import commit

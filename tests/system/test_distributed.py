@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from oftmerge.engine import distributed
 from oftmerge.cli import main
+from oftmerge.engine import distributed
 
 from helpers import ADAPTERS, ROOT
 

@@ -18,7 +18,6 @@ from oftmerge.methods.euclidean import TensorContext, get_euclidean_method
 
 from helpers import F64, rand, rotation
 
-
 # ----------------------------------------------------------------------------------- per-tensor math
 
 
@@ -94,15 +93,16 @@ def test_linear_so_d_methods_are_streamed_into_one_accumulator(monkeypatch, shap
     weights = torch.tensor([1.0, 0.5, 2.0], dtype=F64)
     for name in ("orthomerge", "mean_q"):
         method, calls = get_method(name), []
+        # the closures below use this iteration's method and calls, within the iteration (B023 is moot)
 
         def spy(s, norms, w, **opts):
-            calls.append(tuple(s.shape))
-            return method.from_sum(s, norms, w, **opts)
+            calls.append(tuple(s.shape))  # noqa: B023
+            return method.from_sum(s, norms, w, **opts)  # noqa: B023
 
-        monkeypatch.setattr(D, "get_method", lambda _n: dataclasses.replace(method, from_sum=spy))
+        monkeypatch.setattr(D, "get_method", lambda _n: dataclasses.replace(method, from_sum=spy))  # noqa: B023
         streamed = decompose("w", w0, ws, weights, Settings(euclidean="ta", orthogonal=name))
         assert calls == [(1, shape[1], shape[1])]  # one accumulated sum, not a stack of N
-        monkeypatch.setattr(D, "get_method", lambda _n: dataclasses.replace(method, from_sum=None))
+        monkeypatch.setattr(D, "get_method", lambda _n: dataclasses.replace(method, from_sum=None))  # noqa: B023
         stacked = decompose("w", w0, ws, weights, Settings(euclidean="ta", orthogonal=name))
         monkeypatch.undo()
         assert streamed.report.q_norms == pytest.approx(stacked.report.q_norms, rel=1e-12)

@@ -7,9 +7,9 @@ import itertools
 import pytest
 import torch
 
+from oftmerge.errors import OftMergeError
 from oftmerge.linalg import cayley, polar
 from oftmerge.methods import available_methods, get_method
-from oftmerge.errors import OftMergeError
 
 from helpers import orthomerge_generator
 
