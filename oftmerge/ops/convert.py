@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 from oftmerge.errors import OftMergeError
-from oftmerge.formats import read_adapter
+from oftmerge.formats import read_oft_adapter
 from oftmerge.linalg import RotationMap
 from oftmerge.ops.merge import merge_adapters
 from oftmerge.ops.merge_result import MergeResult
@@ -40,7 +40,7 @@ def convert_adapter(
     overwrite: bool = False,
 ) -> MergeResult:
     """Write ``src`` (an OFT adapter of any PEFT release) to ``dst`` in the current layout."""
-    adapter = read_adapter(src, peft_release=peft_release)
+    adapter = read_oft_adapter(src, peft_release=peft_release)
     where = f"{adapter.path} (PEFT {adapter.release_source})"
     if adapter.release == "0.13":
         raise OftMergeError(

@@ -24,8 +24,9 @@ from typing import Any
 import torch
 
 from oftmerge.errors import OftMergeError
+from oftmerge.formats.base import read_oft_adapter
 from oftmerge.formats.checkpoint import Checkpoint
-from oftmerge.formats.peft_oft import OftAdapter, read_adapter
+from oftmerge.formats.peft_oft import OftAdapter
 from oftmerge.linalg import orthogonality_error
 from oftmerge.ops.merge import merge_adapters, quiet_merge_log
 from oftmerge.plan.merge import module_norm, to_grid
@@ -89,7 +90,7 @@ def inspect_adapters(
 ) -> dict[str, Any]:
     """Diagnostics of one or more adapters (see the module docstring); JSON-serialisable."""
     base_shapes = Checkpoint(base).shapes() if base is not None else None
-    read = [a if isinstance(a, OftAdapter) else read_adapter(a, peft_release=peft_release, base_shapes=base_shapes) for a in adapters]
+    read = [a if isinstance(a, OftAdapter) else read_oft_adapter(a, peft_release=peft_release, base_shapes=base_shapes) for a in adapters]
     widths = {n: s.features for a in read for n, s in a.modules.items() if s.features}  # for shared blocks
     report: dict[str, Any] = {"adapters": []}
     for a in read:

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from oftmerge.errors import IncompatibleAdaptersError
+from oftmerge.formats.base import read_oft_adapter
 from oftmerge.formats.checkpoint import Checkpoint
 from oftmerge.formats.io import sha256_file
-from oftmerge.formats.peft_oft import RELEASES, OftAdapter, read_adapter
+from oftmerge.formats.peft_oft import RELEASES, OftAdapter
 from oftmerge.formats.shards import TensorInfo, plan_model, tied_embeddings
 
 __all__ = ["FoldPlan", "base_key", "plan_fold"]
@@ -92,7 +93,7 @@ def _read(config: Any, shapes: Mapping[str, tuple[int, ...]]) -> tuple[OftAdapte
         read, source = adapter.as_oft_adapter(shapes)
         return read, source, [("input adapter", i["path"]) for i in source["inputs"]]
     if not isinstance(adapter, OftAdapter):
-        adapter = read_adapter(adapter, peft_release=config.peft_release, base_shapes=shapes)
+        adapter = read_oft_adapter(adapter, peft_release=config.peft_release, base_shapes=shapes)
     source = {
         "path": str(Path(adapter.path).absolute()),
         "sha256": sha256_file(adapter.weights_path),

@@ -324,12 +324,12 @@ class MergePlan:
 
 def plan_merge(config: Any) -> MergePlan:
     """Read the inputs of ``config`` (a :class:`~oftmerge.config.MergeConfig`) and plan the merge."""
+    from oftmerge.formats.base import read_oft_adapter
     from oftmerge.formats.checkpoint import Checkpoint
-    from oftmerge.formats.peft_oft import read_adapter
 
     base_shapes = Checkpoint(config.base).shapes() if config.base is not None else None
     read = [
-        a if isinstance(a, OftAdapter) else read_adapter(a, peft_release=rel, base_shapes=base_shapes)
+        a if isinstance(a, OftAdapter) else read_oft_adapter(a, peft_release=rel, base_shapes=base_shapes)
         for a, rel in zip(config.adapters, config.releases())
     ]
     weights = list(config.weights) if config.weights is not None else [1.0] * len(read)
