@@ -186,15 +186,32 @@ def test_fold_config_needs_a_base():
 CONFIGS = {
     "merge-default": lambda: MergeConfig(A),
     "merge-full": lambda: MergeConfig(
-        A, method="karcher", weights=[1, -0.5], scale=0.9, cayley="neumann:4", base=BASE, peft_release=("0.18", None),
-        allow_base_mismatch=True, output="model",
+        A,
+        method="karcher",
+        weights=[1, -0.5],
+        scale=0.9,
+        cayley="neumann:4",
+        base=BASE,
+        peft_release=("0.18", None),
+        allow_base_mismatch=True,
+        output="model",
     ),
     "merge-options": lambda: MergeConfig(A, method_options={"per_block": True, "cancel_tol": 1e-3}),
     "fold": lambda: FoldConfig(A[0], BASE, peft_release="0.16", hash_base=True, push_to_hub="me/model", private=True),
     "decouple-default": lambda: DecoupleConfig(BASE, EXPERTS),
     "decouple-full": lambda: DecoupleConfig(
-        BASE, EXPERTS, euclidean="dare", orthogonal="mean_q", target="conflict", procrustes="fast", weights=[2, 1],
-        euclidean_options={"p": 0.3, "seed": 4}, anchor=0.0, cayley_margin=0.5, max_rotation=1.5, on_domain_error="error",
+        BASE,
+        EXPERTS,
+        euclidean="dare",
+        orthogonal="mean_q",
+        target="conflict",
+        procrustes="fast",
+        weights=[2, 1],
+        euclidean_options={"p": 0.3, "seed": 4},
+        anchor=0.0,
+        cayley_margin=0.5,
+        max_rotation=1.5,
+        on_domain_error="error",
         euclidean_only=(r"lm_head", r"\.norm\."),
     ),
     "decouple-no-orthogonal": lambda: DecoupleConfig(BASE, EXPERTS, euclidean="tsv", orthogonal="none"),
@@ -226,7 +243,8 @@ def test_method_options_resolved_to_defaults():
     d = MergeConfig(A).to_dict()
     assert d["method_options"] == ORTHOGONAL.get("orthomerge").option_defaults() and d["method_options"]
     assert MergeConfig(A, method_options={"per_block": True}).to_dict()["method_options"] == {
-        **ORTHOGONAL.get("orthomerge").option_defaults(), "per_block": True
+        **ORTHOGONAL.get("orthomerge").option_defaults(),
+        "per_block": True,
     }
     assert MergeConfig(A, method="mean_r").to_dict()["method_options"] == {}
     d = DecoupleConfig(BASE, EXPERTS, euclidean="dare", euclidean_options={"p": "0.25"}).to_dict()
