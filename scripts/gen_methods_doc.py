@@ -21,8 +21,10 @@ HEADER = """# Merge methods
 
 Every merge method oftmerge offers, with its options and defaults: the so(d) methods of
 `oftmerge merge --method` (and `oftmerge decouple --orthogonal`), and the Euclidean methods of
-`oftmerge decouple --euclidean`. Options are given as `--option KEY=VALUE` (`method_options=` /
-`euclidean_options=` / `orthogonal_options=` in the Python API). This page is generated from the
+`oftmerge decouple --euclidean`. Options are given as `--option KEY=VALUE` (`oftmerge merge`, and
+the Euclidean method of `oftmerge decouple`) or `--orthogonal-option KEY=VALUE` (the so(d) method
+of `oftmerge decouple`); in the Python API as `method_options=`, `euclidean_options=` and
+`orthogonal_options=`. This page is generated from the
 method registry (`oftmerge.methods.methods_table()`) by `scripts/gen_methods_doc.py`; do not edit
 it by hand. `oftmerge methods` prints the same list. The formulas and the decisions behind them:
 [algorithm.md](algorithm.md) (so(d) methods) and
