@@ -180,10 +180,11 @@ def run_fold(config: FoldConfig, run: RunOptions, out_dir: str | os.PathLike[str
         "oftmerge.json": json.dumps(result.provenance(), indent=2, sort_keys=True) + "\n",
         "README.md": folded_model_card(result),
     }
+    by_key = _folds(plan)
     with torch_threads(run.threads):
         result.out_dir = write_model(
-            plan.base, out_dir, _folder(plan, run), shard_size=run.shard_size, overwrite=run.overwrite, extra_files=extra,
-            only=_folds(plan).__contains__, untie=plan.untie, inputs=plan.inputs,
+            plan.base, out_dir, _folder(plan, by_key, run), shard_size=run.shard_size, overwrite=run.overwrite, extra_files=extra,
+            only=by_key.__contains__, untie=plan.untie, inputs=plan.inputs,
             config_updates={"tie_word_embeddings": False} if plan.untied else None,
         )  # fmt: skip
     if hasattr(config.adapter, "saved_to"):  # a MergeResult
@@ -198,9 +199,8 @@ def _folds(plan: FoldPlan) -> dict[str, str]:
     return {key: name for name, key in plan.modules.items()}
 
 
-def _folder(plan: FoldPlan, run: RunOptions) -> Callable[[str, torch.Tensor], torch.Tensor]:
-    """The writer's ``tensor_fn``: fold one base weight with the adapter's rotation (the kernel), checked."""
-    by_key = _folds(plan)
+def _folder(plan: FoldPlan, by_key: dict[str, str], run: RunOptions) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """The writer's ``tensor_fn``: fold one base weight (``by_key``: base tensor -> module) with the adapter's rotation, checked."""
     read = plan.adapter
     done = [0]
 

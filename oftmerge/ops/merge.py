@@ -216,7 +216,8 @@ def _execute(plan: MergePlan, run: RunOptions, result: MergeResult) -> tuple[lis
                 pack_module(p.name, p.kind, merged.stored, plan.layout, is_packed=is_packed, dtype=plan.out_dtype, scale=scale)
             )
             _copy_saved_base(plan, p, result.tensors)
-            added[p.name] = list(result.tensors)[first_key:]
+            if group.size > 1:  # which tensors are this module's, to gather them in plan order
+                added[p.name] = list(result.tensors)[first_key:]
             if run.progress is not None:
                 run.progress(done, len(plan.modules), p.name)
         for name, ortho in checks.results():
