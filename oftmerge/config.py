@@ -39,6 +39,8 @@ from oftmerge.methods.euclidean import get_euclidean_method
 __all__ = ["DecoupleConfig", "FoldConfig", "MergeConfig", "RunOptions"]
 
 OUTPUTS = ("adapter", "model")
+#: what a merge does with the heads and biases its inputs saved (see :mod:`oftmerge.plan.saved`)
+SAVED_MODULES = ("identical", "mean", "first", "drop")
 
 
 def _path_or_object(value: Any) -> Any:
@@ -145,9 +147,12 @@ class MergeConfig(_Serialisable):
     peft_release: str | tuple[str | None, ...] | None = None
     allow_base_mismatch: bool = False
     output: str = "adapter"
+    saved_modules: str = "identical"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
+        if self.saved_modules not in SAVED_MODULES:
+            raise OftMergeError(f"saved_modules={self.saved_modules!r}: choose one of {', '.join(SAVED_MODULES)}")
         adapters = (self.adapters,) if isinstance(self.adapters, (str, os.PathLike)) else tuple(self.adapters)
         set_(self, "adapters", tuple(_path_or_object(a) for a in adapters))
         if not self.adapters:

@@ -26,6 +26,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         tuple(args.adapters), method=args.method, weights=parse_weights(args.weights), scale=args.scale, cayley=args.cayley,
         method_options=parse_options(args.option), base=args.base or args.fold_into, peft_release=args.peft_release,
         allow_base_mismatch=args.allow_base_mismatch, output="model" if args.fold_into else "adapter",
+        saved_modules=args.saved_modules,
     )  # fmt: skip
     run = RunOptions(
         threads=args.threads, shard_size=args.shard_size, overwrite=args.overwrite, dry_run=args.dry_run,
@@ -68,6 +69,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from oftmerge.config import SAVED_MODULES
     from oftmerge.methods import available_methods
 
     m = sub.add_parser(
@@ -87,6 +89,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--base", help="base model directory: checks shapes, gives widths of block_share layers")
     m.add_argument("--peft-release", help="PEFT release that wrote the inputs, when their config does not record it")
     m.add_argument("--allow-base-mismatch", action="store_true", help="merge adapters whose configs name different base models")
+    m.add_argument(
+        "--saved-modules", default="identical", choices=list(SAVED_MODULES), metavar="POLICY",
+        help="what to keep of the heads (modules_to_save) and biases the inputs saved: identical (default: kept if every input "
+        "that saved one saved the same bytes, else an error), mean (|weight|-weighted), first (in the order given), drop (use the base's)",
+    )  # fmt: skip
     m.add_argument("--fold-into", metavar="BASE", help="write a full model instead: the merge folded into base model directory BASE (see `oftmerge fold`)")
     m.add_argument("--shard-size", default="5GB", help="with --fold-into: largest shard of the model, e.g. 2GB (default: %(default)s)")
     m.add_argument("--threads", type=int, default=1, help="torch threads for the arithmetic (default: %(default)s; see `oftmerge fold --help`)")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,7 +36,7 @@ from oftmerge.errors import AdapterFormatError, IncompatibleAdaptersError, Numer
 from oftmerge.formats.io import TensorDict, TensorFile, content_hash, read_json
 from oftmerge.linalg import RotationMap, block_size_from_packed, coft_project, skew_from_full, unpack_skew
 
-__all__ = ["RELEASES", "ModuleSpec", "OftAdapter", "adapter_from_tensors", "read_adapter", "release_family"]
+__all__ = ["RELEASES", "ModuleSpec", "OftAdapter", "adapter_from_tensors", "read_adapter", "release_family", "in_saved_module", "saved_key", "saved_tensors"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ _SUFFIXES = {
 }
 _SCALE_SUFFIX = ".oft_s"
 _BASE_COPY_SUFFIX = ".base_layer.weight"
+_BIAS_COPY_SUFFIX = ".base_layer.bias"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -111,8 +112,26 @@ class OftAdapter:
     #: (``save_embedding_layers``, automatic when an embedding is targeted)
     saved_base: Mapping[str, str] = field(default_factory=dict)
 
+    #: model tensor name (``classifier.weight``, ``encoder.layer.0.query.bias``) -> stored key, for the
+    #: non-OFT tensors PEFT saved with the adapter (``modules_to_save``, trained biases); on load they
+    #: replace the base model's tensors of that name (see :func:`saved_tensors`)
+    saved: Mapping[str, str] = field(default_factory=dict)
+
     def saved_base_weight(self, name: str) -> torch.Tensor:
         return self._file.get(self.saved_base[name])
+
+    def saved_tensor(self, name: str) -> torch.Tensor:
+        """Saved tensor ``name`` (a model tensor name, a key of :attr:`saved`) as stored, checked finite."""
+        t = self._file.get(self.saved[name])
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NumericalError(f"{self.weights_path}: saved tensor {self.saved[name]} contains NaN or Inf values; the adapter is broken")
+        return t
+
+    def saved_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._file.shape(self.saved[name]))
+
+    def saved_dtype(self, name: str) -> torch.dtype:
+        return self._file.dtype(self.saved[name])
 
     def content_hash(self) -> str:
         """SHA-256 of the stored tensors (names, dtypes, shapes, bytes), whatever file they came from."""
@@ -293,6 +312,62 @@ def read_adapter(
     return adapter_from_tensors(path, config, TensorFile(weights_path), peft_release=peft_release, base_shapes=base_shapes)
 
 
+def in_saved_module(name: str, modules_to_save: Sequence[str]) -> bool:
+    """Whether tensor ``name`` belongs to a module PEFT wraps for ``modules_to_save`` (PEFT matches by suffix)."""
+    parts = name.split(".")
+    return any(".".join(parts[:k]).endswith(entry) for k in range(1, len(parts)) for entry in modules_to_save)
+
+
+def saved_tensors(keys: Sequence[str], oft_modules: set[str], config: Mapping[str, Any], where: Path) -> dict[str, str]:
+    """Model tensor name -> stored key, for the non-OFT tensors of an adapter file; refuse what PEFT would not load.
+
+    PEFT loads every such tensor into the base model's tensor of the same name (``strict=False``),
+    so after ``merge_and_unload`` it replaces the base's:
+
+    * ``<m>.base_layer.bias`` of an OFT module ``m`` and ``<name>.bias`` elsewhere (``bias="oft_only"`` /
+      ``"all"``) stand for the bias ``<m>.bias`` / ``<name>.bias``;
+    * tensors of the modules in ``modules_to_save`` (every ``SEQ_CLS`` adapter's head) stand for
+      that module's tensors.
+
+    With ``bias="all"`` PEFT also writes ``<head>.original_module.*`` (the base's untrained copy) and
+    ``<head>.modules_to_save.*`` (a duplicate of ``<head>.*``); PEFT's loader ignores both, and so
+    does oftmerge. Anything else (e.g. ``trainable_token_indices`` deltas) is refused.
+    """
+    modules_to_save = [str(m) for m in (config.get("modules_to_save") or [])]
+    saved: dict[str, str] = {}
+    duplicates: dict[str, str] = {}
+    refused: list[str] = []
+    for key in keys:
+        name = key[len(KEY_PREFIX) :] if key.startswith(KEY_PREFIX) else key
+        if ".original_module." in name:
+            continue
+        if ".modules_to_save." in name:
+            duplicates[name.replace(".modules_to_save.", ".", 1)] = key
+            continue
+        if name.endswith(_BIAS_COPY_SUFFIX) and name[: -len(_BIAS_COPY_SUFFIX)] in oft_modules:
+            saved[name[: -len(_BIAS_COPY_SUFFIX)] + ".bias"] = key
+        elif name.endswith(".bias") or in_saved_module(name, modules_to_save):
+            saved[name] = key
+        else:
+            refused.append(key)
+    for name, key in duplicates.items():
+        saved.setdefault(name, key)
+    if refused:
+        raise AdapterFormatError(
+            f"{where}: holds tensors that are neither OFT rotations, trained biases, nor modules_to_save modules "
+            f"({', '.join(refused[:3])}{', ...' if len(refused) > 3 else ''}); oftmerge cannot tell what PEFT makes "
+            "of them. Remove them from the adapter, or list their module in modules_to_save in adapter_config.json."
+        )
+    return dict(sorted(saved.items()))
+
+
+def saved_key(name: str, oft_modules: set[str] | Mapping[str, Any]) -> str:
+    """The key PEFT stores saved tensor ``name`` under (the inverse of :func:`saved_tensors`)."""
+    if name.endswith(".bias") and name[: -len(".bias")] in oft_modules:
+        return KEY_PREFIX + name[: -len(".bias")] + _BIAS_COPY_SUFFIX
+    return KEY_PREFIX + name
+
+
 def adapter_from_tensors(
     path: Path,
     config: Mapping[str, Any],
@@ -322,13 +397,7 @@ def adapter_from_tensors(
         if name is not None and name in found:
             saved_base[name] = key
             extra.remove(key)
-    if extra:
-        raise AdapterFormatError(
-            f"{weights_path}: holds tensors that are not OFT rotations ({', '.join(extra[:3])}"
-            f"{', ...' if len(extra) > 3 else ''}): trained biases or modules_to_save cannot be merged on "
-            "the orthogonal group. Remove them from the adapter (retrain with bias='none' and no "
-            "modules_to_save) or merge those tensors separately."
-        )
+    saved = saved_tensors(extra, set(found), config, weights_path)
     if not found:
         raise AdapterFormatError(f"{weights_path}: no OFT tensors (oft_R / oft_r) found; is this an OFT adapter?")
     layouts = {layout for _, layout, _ in found.values()}
@@ -362,6 +431,7 @@ def adapter_from_tensors(
         modules=modules,
         _file=tf,
         saved_base=saved_base,
+        saved=saved,
     )
 
 

@@ -70,12 +70,19 @@ def merge_oft_adapters(
     cayley: str = "auto",
     method_options: Mapping[str, Any] | None = None,
     allow_base_mismatch: bool = False,
+    saved_modules: str = "identical",
 ) -> MergeResult:
     """Merge OFT adapters ``adapters`` of ``model`` into a new adapter ``adapter_name`` of the same model.
 
     Arguments are those of :func:`oftmerge.merge_adapters`. The new adapter is added but not
     activated (as with PEFT's ``add_weighted_adapter``): call ``model.set_adapter(adapter_name)``.
     Returns the :class:`~oftmerge.MergeResult` (its ``summary()`` says what the merge did).
+
+    ``saved_modules`` is what the new adapter keeps of the inputs' ``modules_to_save`` heads
+    (one copy per adapter in PEFT) and trained biases (``identical``, ``mean``, ``first``,
+    ``drop``; see :func:`oftmerge.merge_adapters`). PEFT keeps no per-adapter copy of a trained
+    bias: the model holds the biases of the adapter loaded last, every adapter reports those, and
+    loading the merged adapter writes the merged biases into the model for all its adapters.
     """
     from peft import OFTConfig
     from peft.utils import set_peft_model_state_dict
@@ -96,6 +103,7 @@ def merge_oft_adapters(
         cayley=cayley,
         method_options=method_options,
         allow_base_mismatch=allow_base_mismatch,
+        saved_modules=saved_modules,
     )
     if result.layout != "0.18":  # pragma: no cover - live adapters are always of the installed release
         raise OftMergeError(f"cannot add a PEFT {result.layout} layout adapter to a live model")
@@ -103,13 +111,31 @@ def merge_oft_adapters(
     config = OFTConfig(**{k: v for k, v in result.config.items() if k in fields and k != "peft_type"})
     model.add_adapter(adapter_name, config)
     device = next(p.device for p in model.parameters())
-    outcome = set_peft_model_state_dict(model, {k: v.to(device) for k, v in result.tensors.items()}, adapter_name=adapter_name)
+    tensors = {**_base_heads(model, adapter_name), **result.tensors}
+    outcome = set_peft_model_state_dict(model, {k: v.to(device) for k, v in tensors.items()}, adapter_name=adapter_name)
     missing = [k for k in getattr(outcome, "missing_keys", []) if adapter_name in k and "oft_" in k]
     unexpected = list(getattr(outcome, "unexpected_keys", []))
     if missing or unexpected:  # pragma: no cover - would be a bug in key naming
         model.delete_adapter(adapter_name)
         raise OftMergeError(f"could not load the merged tensors into {adapter_name!r}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return result
+
+
+def _base_heads(model: Any, adapter_name: str) -> dict[str, Any]:
+    """The base model's tensors of every module PEFT wraps for ``modules_to_save``, keyed as an adapter stores them.
+
+    PEFT gives each adapter its own copy of such a module and loads it from the adapter's
+    tensors; where the merge keeps none (``saved_modules="drop"``, or no input saved it), the
+    new adapter's copy is the base's, as it is in a merged adapter loaded from disk.
+    """
+    from peft.utils.other import ModulesToSaveWrapper
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            for key, value in module.original_module.state_dict().items():
+                out[f"{name}.{key}"] = value.detach()
+    return out
 
 
 def _install() -> None:

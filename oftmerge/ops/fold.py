@@ -71,6 +71,8 @@ class FoldResult:
     dry_run: bool = False
     out_dir: Path | None = None
     pushed: Any = None  #: what :func:`oftmerge.integrations.hub.push_folder` returned, when pushed
+    #: saved tensor of the adapter (head, bias) -> the base tensor it replaced
+    saved: dict[str, str] = field(default_factory=dict)
 
     def provenance(self) -> dict[str, Any]:
         """Everything needed to know how the model was made (no timestamps: re-runs give the same bytes)."""
@@ -83,6 +85,7 @@ class FoldResult:
             "modules": dict(self.modules),
             "untied_embeddings": list(self.untied) if self.untied else None,
             "warnings": list(self.warnings),
+            **({"saved_tensors": dict(self.saved)} if self.saved else {}),
         }
 
     def summary(self, max_modules: int = 12) -> str:
@@ -90,7 +93,9 @@ class FoldResult:
         what = src.get("path") or f"merge of {len(src.get('inputs', []))} adapters ({src.get('method')})"
         lines = [f"fold: {what} into {self.base}"]
         lines.append(
-            f"output: {len(self.modules)} weights folded, {sum(len(s) for s in self.shards) - len(self.modules)} tensors "
+            f"output: {len(self.modules)} weights folded, "
+            + (f"{len(self.saved)} replaced by the adapter's saved tensors (heads, biases), " if self.saved else "")
+            + f"{sum(len(s) for s in self.shards) - len(self.modules) - len(self.saved)} tensors "
             f"copied as they are, {len(self.shards)} shard(s), {self.total_bytes / 1e6:.2f} MB"
         )
         for name, key in list(self.modules.items())[:max_modules]:
@@ -171,6 +176,7 @@ def run_fold(config: FoldConfig, run: RunOptions, out_dir: str | os.PathLike[str
         shard_size=run.shard_size,
         warnings=list(plan.warnings),
         dry_run=run.dry_run,
+        saved=dict(plan.saved),
     )
     if run.dry_run:
         return result
@@ -195,8 +201,8 @@ def run_fold(config: FoldConfig, run: RunOptions, out_dir: str | os.PathLike[str
 
 
 def _folds(plan: FoldPlan) -> dict[str, str]:
-    """base tensor -> the module folded into it."""
-    return {key: name for name, key in plan.modules.items()}
+    """base tensor -> the module folded into it, or the saved tensor (head, bias) that replaces it."""
+    return {**{key: name for name, key in plan.saved.items()}, **{key: name for name, key in plan.modules.items()}}
 
 
 def _folder(plan: FoldPlan, by_key: dict[str, str], run: RunOptions) -> Callable[[str, torch.Tensor], torch.Tensor]:
@@ -206,6 +212,8 @@ def _folder(plan: FoldPlan, by_key: dict[str, str], run: RunOptions) -> Callable
 
     def fold_one(key: str, weight: torch.Tensor) -> torch.Tensor:
         name = by_key[key]
+        if name not in read.modules:  # a saved head or bias replaces the base's, cast as PEFT's load does
+            return read.saved_tensor(name).to(weight.dtype)
         folded = fold_weight(weight, adapter_rotation(read, name), read.modules[name], scale=read.scale(name))
         if not all_finite(folded):
             raise NumericalError(f"module {name!r}: the folded weight {key} is not finite; nothing was written")

@@ -28,6 +28,7 @@ from oftmerge.formats.base import read_oft_adapter
 from oftmerge.formats.checkpoint import Checkpoint
 from oftmerge.formats.peft_oft import OftAdapter
 from oftmerge.linalg import orthogonality_error
+from oftmerge.plan.fold import saved_keys
 from oftmerge.ops.merge import merge_adapters, quiet_merge_log
 from oftmerge.plan.merge import module_norm, to_grid
 
@@ -65,6 +66,19 @@ def _module_report(adapter: OftAdapter, name: str, width: int | None) -> dict[st
     return report
 
 
+def _saved_report(a: OftAdapter, ckpt: Checkpoint | None) -> list[dict[str, Any]]:
+    """The tensors the adapter saved besides its rotations (heads, biases): on load they replace the base's.
+
+    With a base, each names the base tensor it replaces (a missing or differently shaped one is
+    refused, as the fold refuses it).
+    """
+    replaces = saved_keys(a, ckpt) if ckpt is not None else {}
+    return [
+        {"name": n, "key": a.saved[n], "shape": list(a.saved_shape(n)), "dtype": str(a.saved_dtype(n)).removeprefix("torch."), "replaces": replaces.get(n)}
+        for n in a.saved
+    ]
+
+
 def _pair_cosines(a: OftAdapter, b: OftAdapter) -> list[float]:
     out = []
     for name in sorted(set(a.modules) & set(b.modules)):
@@ -93,6 +107,7 @@ def inspect_adapters(
     read = [a if isinstance(a, OftAdapter) else read_oft_adapter(a, peft_release=peft_release, base_shapes=base_shapes) for a in adapters]
     widths = {n: s.features for a in read for n, s in a.modules.items() if s.features}  # for shared blocks
     report: dict[str, Any] = {"adapters": []}
+    ckpt = Checkpoint(base) if base is not None and any(a.saved for a in read) else None
     for a in read:
         modules = [_module_report(a, n, widths.get(n)) for n in a.modules]
         report["adapters"].append(
@@ -106,6 +121,7 @@ def inspect_adapters(
                 "coft": bool(a.config.get("coft", False)),
                 "base_model": a.base_model,
                 "modules": modules,
+                "saved": _saved_report(a, ckpt),
                 "q_norm": _block_stats(torch.tensor([m["q_norm"] for m in modules], dtype=torch.float64)),
                 "ortho_error_max": max(m["ortho_error"] for m in modules),
             }
@@ -156,6 +172,12 @@ def render_report(report: dict[str, Any], *, max_modules: int = 20) -> str:
             )
         if len(a["modules"]) > max_modules:
             lines.append(f"    ... {len(a['modules']) - max_modules} more modules (--show N, or --json)")
+        if a["saved"]:
+            lines.append(f"    {len(a['saved'])} saved tensor(s) besides the rotations (modules_to_save heads, trained biases); they replace the base's on load:")
+            for t in a["saved"][:max_modules]:
+                lines.append(f"    {t['name'][-46:]:<46} {str(t['shape']):>14} {t['dtype']}" + (f"  -> {t['replaces']}" if t["replaces"] not in (None, t["name"]) else ""))
+            if len(a["saved"]) > max_modules:
+                lines.append(f"    ... {len(a['saved']) - max_modules} more saved tensors")
     if "pairs" in report:
         lines.append("cosine between generators (per shared module):")
         for p in report["pairs"]:

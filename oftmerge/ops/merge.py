@@ -23,12 +23,13 @@ from oftmerge.config import MergeConfig, RunOptions
 from oftmerge.engine.distributed import Group, is_main, process_group
 from oftmerge.engine.threads import OneThread, Prefetch, torch_threads
 from oftmerge.errors import IncompatibleAdaptersError
-from oftmerge.formats.peft_oft import OftAdapter
+from oftmerge.formats.peft_oft import OftAdapter, saved_key
 from oftmerge.formats.writer import pack_module
 from oftmerge.kernels.merge import merge_module
 from oftmerge.linalg import RotationMap, orthogonality_error, unpack_skew
 from oftmerge.ops.merge_result import InputInfo, MergeResult, ModuleReport
 from oftmerge.plan.merge import MergePlan, ModulePlan, merged_scale, plan_merge
+from oftmerge.plan.saved import saved_values
 
 __all__ = ["MergeResult", "ModuleReport", "merge_adapters", "quiet_merge_log", "run_merge"]
 
@@ -71,6 +72,7 @@ def merge_adapters(
     output: str = "adapter",
     shard_size: int | str = "5GB",
     threads: int | None = 1,
+    saved_modules: str = "identical",
     run: RunOptions | None = None,
 ) -> MergeResult:
     """Merge OFT adapters into one OFT adapter, module by module, in so(b).
@@ -104,6 +106,11 @@ def merge_adapters(
         output: ``"adapter"`` writes the merged adapter to ``out_dir``;
             ``"model"`` folds it into ``base`` and writes a full model there
             (:func:`oftmerge.ops.fold.fold_adapter`, shards of ``shard_size``).
+        saved_modules: what the output keeps of the non-OFT tensors the inputs saved
+            (``modules_to_save`` heads, trained biases): ``identical`` (default: kept when every
+            input that saved a tensor saved the same bytes, else an error), ``mean``
+            (``|weight|``-weighted), ``first`` (of the inputs, in the order given) or ``drop``
+            (the base's are used). See :mod:`oftmerge.plan.saved` and ``docs/saved_modules.md``.
         threads: torch threads for the per-module arithmetic (restored
             afterwards; None leaves torch's setting). The blocks are small
             (``(blocks, b, b)``, b = 32 typically), so one thread is the
@@ -125,7 +132,7 @@ def merge_adapters(
             tuple(adapters), method=method, weights=None if weights is None else tuple(weights), scale=scale, cayley=cayley,
             method_options=dict(method_options or {}), base=None if base is None else os.fspath(base),
             peft_release=peft_release if peft_release is None or isinstance(peft_release, str) else tuple(peft_release),
-            allow_base_mismatch=allow_base_mismatch, output=output,
+            allow_base_mismatch=allow_base_mismatch, output=output, saved_modules=saved_modules,
         )  # fmt: skip
     if run is None:
         run = RunOptions(threads=threads, shard_size=shard_size, overwrite=overwrite, dry_run=dry_run, progress=progress)
@@ -146,6 +153,8 @@ def run_merge(config: MergeConfig, run: RunOptions, out_dir: str | os.PathLike[s
         config=dict(plan.adapter_config),
         warnings=list(plan.warnings),
         dry_run=run.dry_run,
+        saved_modules=config.saved_modules,
+        saved={s.name: s.describe([str(a.path) for a in plan.adapters]) for s in plan.saved},
     )
     result.plan = plan.grid()
     if run.dry_run:
@@ -227,6 +236,9 @@ def _execute(plan: MergePlan, run: RunOptions, result: MergeResult) -> tuple[lis
     result.inputs = _inputs(plan)
     if group.size > 1:
         _gather_modules(group, plan.modules, result, added, cancelled, non_orthogonal)
+    oft_modules = {p.name for p in plan.modules}
+    for name, tensor in saved_values(read, plan.weights, plan.saved).items():
+        result.tensors[saved_key(name, oft_modules)] = tensor
     return cancelled, non_orthogonal
 
 

@@ -75,6 +75,9 @@ class MergeResult:
     saved_to: Path | None = None
     #: module -> (input block sizes, output block size), filled by planning (also in a dry run)
     plan: dict[str, tuple[tuple[int, ...], int]] = field(default_factory=dict)
+    saved_modules: str = "identical"  #: the policy for the inputs' saved heads and biases
+    #: saved tensor (model name) -> what the merge did with it (:meth:`oftmerge.plan.saved.SavedPlan.describe`)
+    saved: dict[str, str] = field(default_factory=dict)
 
     @property
     def output_bytes(self) -> int:
@@ -92,6 +95,7 @@ class MergeResult:
             "layout": RELEASES[self.layout],
             "inputs": [i.to_dict() for i in self.inputs],
             "warnings": self.warnings,
+            **({"saved_modules": {"policy": self.saved_modules, "tensors": dict(self.saved)}} if self.saved else {}),
         }
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
@@ -145,6 +149,12 @@ class MergeResult:
                 )
             if len(reports) > max_modules:
                 lines.append(f"  ... {len(reports) - max_modules} more modules")
+        if self.saved:
+            lines.append(f"saved tensors (heads, biases; --saved-modules {self.saved_modules}):")
+            for name, what in list(self.saved.items())[:max_modules]:
+                lines.append(f"  {name[-48:]:<48} {what}")
+            if len(self.saved) > max_modules:
+                lines.append(f"  ... {len(self.saved) - max_modules} more saved tensors")
         for w in self.warnings:
             lines.append(f"warning: {w}")
         return "\n".join(lines)

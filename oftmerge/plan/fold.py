@@ -20,7 +20,7 @@ from oftmerge.formats.io import sha256_file
 from oftmerge.formats.peft_oft import RELEASES, OftAdapter
 from oftmerge.formats.shards import TensorInfo, plan_model, tied_embeddings
 
-__all__ = ["FoldPlan", "base_key", "plan_fold"]
+__all__ = ["FoldPlan", "base_key", "plan_fold", "saved_keys"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,8 @@ class FoldPlan:
     adapter: OftAdapter
     source: Mapping[str, Any]  #: the adapter (path, sha256, release) or the merge's provenance
     modules: Mapping[str, str]  #: adapted module -> base tensor it folds into
+    #: saved tensor of the adapter (head, bias; a model tensor name) -> base tensor it replaces
+    saved: Mapping[str, str]
     untied: tuple[str, str] | None  #: (input embedding, lm_head) stored apart in the output
     untie: tuple[str, str] | None  #: the writer's ``untie``: only when the base does not store lm_head
     shards: tuple[tuple[TensorInfo, ...], ...]
@@ -52,6 +54,7 @@ def plan_fold(config: Any, shard_size: int | str = "5GB", *, dry_run: bool = Fal
         shapes[tied[1]] = shapes[tied[0]]
     read, source, inputs = _read(config, shapes)
     modules = {name: base_key(name, ckpt) for name in read.modules}
+    saved = saved_keys(read, ckpt)
     warnings: list[str] = []
     untied = tied if tied is not None and set(tied) & set(modules.values()) else None
     if untied is not None:
@@ -76,6 +79,7 @@ def plan_fold(config: Any, shard_size: int | str = "5GB", *, dry_run: bool = Fal
         adapter=read,
         source=source,
         modules=modules,
+        saved=saved,
         untied=untied,
         untie=untie,
         shards=tuple(tuple(s) for s in shards),
@@ -118,6 +122,34 @@ def base_key(name: str, ckpt: Checkpoint) -> str:
         f"module {name!r}: the base model {ckpt.path} has no weight {key!r}{hint}; the adapter was trained on "
         "another model, or with a different module path"
     )
+
+
+def saved_keys(read: OftAdapter, ckpt: Checkpoint) -> dict[str, str]:
+    """Saved tensor (model name) -> the base tensor it replaces, as PEFT's ``merge_and_unload`` does; checked.
+
+    A saved tensor replaces a tensor of the same name and shape; a head saved for another number
+    of labels, or a head the base does not have, is refused: PEFT's user loads the base with that
+    head first (``AutoModelForSequenceClassification.from_pretrained(base, num_labels=N)``), and
+    the fold must be given a base saved that way.
+    """
+    out = {}
+    for name in read.saved:
+        key = ckpt.model_key(name) if hasattr(ckpt, "model_key") else (name if name in ckpt else None)
+        shape = read.saved_shape(name)
+        if key is None or key not in ckpt:
+            raise IncompatibleAdaptersError(
+                f"the adapter saved {name!r} {list(shape)} (a modules_to_save head or a trained bias) but the base model "
+                f"{ckpt.path} has no such tensor; fold into a base that has this module (for a classification head: "
+                "save AutoModelForSequenceClassification.from_pretrained(base, num_labels=N) and fold into that)"
+            )
+        if tuple(ckpt.shape(key)) != shape:
+            raise IncompatibleAdaptersError(
+                f"the adapter saved {name!r} with shape {list(shape)} but the base model {ckpt.path} stores {key} with shape "
+                f"{list(ckpt.shape(key))} (a head for another number of labels?); fold into a base saved with that head "
+                "(e.g. AutoModelForSequenceClassification.from_pretrained(base, num_labels=N, ignore_mismatched_sizes=True))"
+            )
+        out[name] = key
+    return out
 
 
 def _describe_base(base: Path, ckpt: Checkpoint, hash_base: bool) -> dict[str, Any]:

@@ -21,10 +21,11 @@ import torch
 
 from oftmerge.errors import IncompatibleAdaptersError, OftMergeError
 from oftmerge.formats.io import sha256_file
-from oftmerge.formats.peft_oft import RELEASES, ModuleSpec, OftAdapter
+from oftmerge.formats.peft_oft import RELEASES, ModuleSpec, OftAdapter, in_saved_module
 from oftmerge.formats.writer import CURRENT_CONFIG_TEMPLATE, BlockConfig, choose_block_config
 from oftmerge.linalg import RotationMap, regrid_blocks
 from oftmerge.methods import MergeMethod, get_method
+from oftmerge.plan.saved import SavedPlan, plan_saved
 from oftmerge.provenance import peft_version
 
 __all__ = [
@@ -177,6 +178,7 @@ def output_config(
     blocks: BlockConfig,
     shared: bool,
     warnings: list[str],
+    saved: Sequence[SavedPlan] = (),
 ) -> dict[str, Any]:
     def common(key: str) -> Any:
         values = [a.config.get(key) for a in adapters]
@@ -228,7 +230,36 @@ def output_config(
     else:
         config["target_modules"] = sorted(p.name for p in plans)
         config.update(exclude_modules=None, layers_to_transform=None, layers_pattern=None)
+    kept = [s.name for s in saved if s.action != "drop"]
+    if kept:
+        config.update(_saved_config(adapters, {p.name for p in plans}, kept))
+    entries = [str(e) for a in adapters for e in (a.config.get("modules_to_save") or [])]
+    heads = [s.name for s in saved if s.action == "drop" and in_saved_module(s.name, entries)]
+    if heads and config["task_type"] in _HEAD_TASKS:
+        warnings.append(
+            f"the inputs' saved heads ({', '.join(heads[:2])}{', ...' if len(heads) > 2 else ''}) are dropped: the output has "
+            f"task_type None instead of {config['task_type']}, because PEFT loads a {config['task_type']} adapter only with "
+            "its head; the base model's head is used"
+        )
+        config["task_type"] = None
     return config
+
+
+#: task types for which PEFT wraps the model's head (modules_to_save) and loads it from the adapter
+_HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+
+
+def _saved_config(adapters: Sequence[OftAdapter], oft_modules: set[str], kept: Sequence[str]) -> dict[str, Any]:
+    """``modules_to_save`` and ``bias`` of an output that stores the saved tensors ``kept``.
+
+    ``modules_to_save`` lists the inputs' entries that a kept tensor belongs to; ``bias`` is
+    ``"oft_only"`` when every kept bias is an OFT module's, ``"all"`` when some other bias is kept.
+    """
+    entries = sorted({str(e) for a in adapters for e in (a.config.get("modules_to_save") or [])})
+    wrapped = [e for e in entries if any(in_saved_module(n, [e]) for n in kept)]
+    biases = [n for n in kept if n.endswith(".bias") and not any(in_saved_module(n, [e]) for e in wrapped)]
+    bias = "none" if not biases else ("oft_only" if all(n[: -len(".bias")] in oft_modules for n in biases) else "all")
+    return {"modules_to_save": wrapped or None, "bias": bias}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -303,6 +334,8 @@ class MergePlan:
     warnings: tuple[str, ...]
     #: the SHA-256 of the input files (hashed in threads meanwhile; the call waits for them)
     file_hashes: Callable[[], list[str]] = field(compare=False, repr=False)
+    #: what the output stores for each tensor the inputs saved besides their rotations (heads, biases)
+    saved: tuple[SavedPlan, ...] = ()
 
     def grid(self) -> dict[str, tuple[tuple[int, ...], int]]:
         """module -> (the inputs' block sizes, the output block size)."""
@@ -354,7 +387,8 @@ def plan_merge(config: Any) -> MergePlan:
     warnings += notes
     plans = plan_modules(read)
     blocks, shared = block_config(read, plans, layout)
-    adapter_config = output_config(read, plans, layout, rmap, blocks, shared, warnings)
+    saved = plan_saved(read, weights, order, config.saved_modules)
+    adapter_config = output_config(read, plans, layout, rmap, blocks, shared, warnings, saved)
     dtypes = {a.dtype(name) for a in read for name in a.modules}
     # modules whose inputs all store the generator packed on the output grid go through the merge packed:
     # a linear method commutes with packing, and ||Q||_F = sqrt(2) ||upper triangle||
@@ -380,6 +414,7 @@ def plan_merge(config: Any) -> MergePlan:
         packed=packed,
         warnings=tuple(warnings),
         file_hashes=file_hashes,
+        saved=saved,
     )
 
 

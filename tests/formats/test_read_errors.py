@@ -73,12 +73,21 @@ def test_lora_adapter_points_to_decoupling(tmp_path):
 
 
 def test_extra_tensors_are_refused(pair):
+    """A tensor that is no rotation, bias or modules_to_save module is refused (PEFT would load it blindly)."""
+    a, _ = pair
+    tensors = load_file(a / "adapter_model.safetensors")
+    tensors["base_model.model.lin_sq.weight"] = torch.zeros(16, 16)
+    save_file(tensors, str(a / "adapter_model.safetensors"))
+    with pytest.raises(AdapterFormatError, match=r"neither OFT rotations.*\(base_model.model.lin_sq.weight\).*modules_to_save"):
+        oftmerge.read_adapter(a)
+
+
+def test_a_saved_bias_is_read_as_a_saved_tensor(pair):
     a, _ = pair
     tensors = load_file(a / "adapter_model.safetensors")
     tensors["base_model.model.lin_sq.bias"] = torch.zeros(16)
     save_file(tensors, str(a / "adapter_model.safetensors"))
-    with pytest.raises(AdapterFormatError, match=r"not OFT rotations \(base_model.model.lin_sq.bias\).*bias='none'"):
-        oftmerge.read_adapter(a)
+    assert dict(oftmerge.read_adapter(a).saved) == {"lin_sq.bias": "base_model.model.lin_sq.bias"}
 
 
 def test_release_override_must_match_layout(pair):
