@@ -113,7 +113,7 @@ def merge_oft_adapters(
     device = next(p.device for p in model.parameters())
     tensors = {**_base_heads(model, adapter_name), **result.tensors}
     outcome = set_peft_model_state_dict(model, {k: v.to(device) for k, v in tensors.items()}, adapter_name=adapter_name)
-    missing = [k for k in getattr(outcome, "missing_keys", []) if adapter_name in k and "oft_" in k]
+    missing = [k for k in getattr(outcome, "missing_keys", []) if f".{adapter_name}." in k and "oft_" in k]
     unexpected = list(getattr(outcome, "unexpected_keys", []))
     if missing or unexpected:  # pragma: no cover - would be a bug in key naming
         model.delete_adapter(adapter_name)

@@ -28,8 +28,8 @@ from oftmerge.formats.base import read_oft_adapter
 from oftmerge.formats.checkpoint import Checkpoint
 from oftmerge.formats.peft_oft import OftAdapter
 from oftmerge.linalg import orthogonality_error
-from oftmerge.plan.fold import saved_keys
 from oftmerge.ops.merge import merge_adapters, quiet_merge_log
+from oftmerge.plan.fold import saved_keys
 from oftmerge.plan.merge import module_norm, to_grid
 
 __all__ = ["inspect_adapters", "render_report"]
@@ -173,9 +173,10 @@ def render_report(report: dict[str, Any], *, max_modules: int = 20) -> str:
         if len(a["modules"]) > max_modules:
             lines.append(f"    ... {len(a['modules']) - max_modules} more modules (--show N, or --json)")
         if a["saved"]:
-            lines.append(f"    {len(a['saved'])} saved tensor(s) besides the rotations (modules_to_save heads, trained biases); they replace the base's on load:")
+            lines.append(f"    {len(a['saved'])} saved tensor(s) besides the rotations (heads, trained biases); they replace the base's on load:")
             for t in a["saved"][:max_modules]:
-                lines.append(f"    {t['name'][-46:]:<46} {str(t['shape']):>14} {t['dtype']}" + (f"  -> {t['replaces']}" if t["replaces"] not in (None, t["name"]) else ""))
+                renamed = f"  -> {t['replaces']}" if t["replaces"] not in (None, t["name"]) else ""
+                lines.append(f"    {t['name'][-46:]:<46} {str(t['shape']):>14} {t['dtype']}{renamed}")
             if len(a["saved"]) > max_modules:
                 lines.append(f"    ... {len(a['saved']) - max_modules} more saved tensors")
     if "pairs" in report:

@@ -146,7 +146,8 @@ def saved_keys(read: OftAdapter, ckpt: Checkpoint) -> dict[str, str]:
             raise IncompatibleAdaptersError(
                 f"the adapter saved {name!r} with shape {list(shape)} but the base model {ckpt.path} stores {key} with shape "
                 f"{list(ckpt.shape(key))} (a head for another number of labels?); fold into a base saved with that head "
-                "(e.g. AutoModelForSequenceClassification.from_pretrained(base, num_labels=N, ignore_mismatched_sizes=True))"
+                f"(e.g. AutoModelForSequenceClassification.from_pretrained(base, num_labels={shape[0] if shape else 'N'}, "
+                "ignore_mismatched_sizes=True).save_pretrained(dir))"
             )
         out[name] = key
     return out
