@@ -165,12 +165,17 @@ class OftAdapter:
         spec = self.modules[name]
         return spec.side == "input" and self.release in ("0.16", "0.18") and spec.coft_radius is None
 
-    def packed_generator(self, name: str) -> torch.Tensor:
-        """The stored upper triangles ``(rows, b(b-1)/2)`` of a packed module (:meth:`is_packed`), checked finite.
+    def stores_packed(self, name: str) -> bool:
+        """Whether module ``name`` is stored as packed upper triangles (PEFT >= 0.16), COFT or not."""
+        return self.modules[name].side == "input" and self.release in ("0.16", "0.18")
 
-        In the stored dtype: the caller converts it once, into its own buffer.
+    def packed_generator(self, name: str) -> torch.Tensor:
+        """The stored upper triangles ``(rows, b(b-1)/2)`` of a packed module (:meth:`stores_packed`), checked finite.
+
+        In the stored dtype: the caller converts it once, into its own buffer. With COFT this is
+        the tensor *before* COFT's projection (:meth:`is_packed` says whether it is the effective generator).
         """
-        if not self.is_packed(name):
+        if not self.stores_packed(name):
             raise ValueError(f"module {name!r} of {self.path} is not stored as a packed generator")
         return self._raw(name, dtype=None)
 

@@ -24,9 +24,10 @@ from oftmerge.engine.distributed import Group, is_main, process_group
 from oftmerge.engine.threads import OneThread, Prefetch, torch_threads
 from oftmerge.errors import IncompatibleAdaptersError
 from oftmerge.formats.peft_oft import OftAdapter, saved_key
+from oftmerge.formats.sources import source_record
 from oftmerge.formats.writer import pack_module
 from oftmerge.kernels.merge import merge_module
-from oftmerge.linalg import RotationMap, orthogonality_error, unpack_skew
+from oftmerge.linalg import RotationMap, coft_project, orthogonality_error, unpack_skew
 from oftmerge.ops.merge_result import InputInfo, MergeResult, ModuleReport
 from oftmerge.plan.merge import MergePlan, ModulePlan, merged_scale, plan_merge
 from oftmerge.plan.saved import saved_values
@@ -155,6 +156,7 @@ def run_merge(config: MergeConfig, run: RunOptions, out_dir: str | os.PathLike[s
         dry_run=run.dry_run,
         saved_modules=config.saved_modules,
         saved={s.name: s.describe([str(a.path) for a in plan.adapters]) for s in plan.saved},
+        base=None if plan.base is None else plan.base.record(),
     )
     result.plan = plan.grid()
     if run.dry_run:
@@ -167,8 +169,8 @@ def run_merge(config: MergeConfig, run: RunOptions, out_dir: str | os.PathLike[s
     if out_dir is not None and config.output == "model":
         from oftmerge.ops.fold import fold_adapter
 
-        assert config.base is not None
-        fold_adapter(result, config.base, out_dir, run=run)
+        assert plan.base is not None
+        fold_adapter(result, plan.base.source, out_dir, run=run)  # the base as resolved for the merge, not again
     elif out_dir is not None:
         result.save(out_dir, overwrite=run.overwrite)
     return result
@@ -177,9 +179,10 @@ def run_merge(config: MergeConfig, run: RunOptions, out_dir: str | os.PathLike[s
 def _inputs(plan: MergePlan) -> list[InputInfo]:
     """The inputs' provenance; waits for the files' SHA-256, hashed while the modules were merged."""
     hashes = plan.file_hashes()
+    sources = plan.sources or (None,) * len(plan.adapters)
     return [
-        InputInfo(str(a.path), hashes[k], a.release, a.release_source, a.rotation_map.describe(), len(a.modules), w)
-        for a, k, w in zip(plan.adapters, plan.given_order, plan.weights)
+        InputInfo(str(a.path), hashes[k], a.release, a.release_source, a.rotation_map.describe(), len(a.modules), w, source_record(src))
+        for a, k, w, src in zip(plan.adapters, plan.given_order, plan.weights, sources)
     ]
 
 
@@ -210,7 +213,8 @@ def _execute(plan: MergePlan, run: RunOptions, result: MergeResult) -> tuple[lis
             if merged.stats.get("cancelled"):
                 cancelled.append(p.name)
             # the rotation PEFT will apply, checked in the checker thread while the next module merges
-            checks.submit(p.name, rmap, merged.stored, is_packed)
+            radius = p.entries[0][1].coft_radius if plan.coft_eps is not None else None  # PEFT projects the output too
+            checks.submit(p.name, rmap, merged.stored, is_packed, radius)
             reports[p.name] = dict(
                 name=p.name,
                 inputs=tuple(i for i, _ in p.entries),
@@ -290,13 +294,15 @@ class _Checks(OneThread):
         super().__init__("oftmerge-check")
 
     @staticmethod
-    def _check(rmap: RotationMap, stored: torch.Tensor, is_packed: bool) -> float:
+    def _check(rmap: RotationMap, stored: torch.Tensor, is_packed: bool, coft_radius: float | None) -> float:
         blocks_f32 = unpack_skew(stored.float()) if is_packed else stored.float()
+        if coft_radius is not None:
+            blocks_f32 = coft_project(blocks_f32, coft_radius)
         # a check against a 1e-2 threshold: float32 suffices
         return float(orthogonality_error(rmap.rotation(blocks_f32)).max())
 
-    def submit(self, name: str, rmap: RotationMap, stored: torch.Tensor, is_packed: bool) -> None:
-        self._pending.append((name, self._pool.submit(self._check, rmap, stored, is_packed)))
+    def submit(self, name: str, rmap: RotationMap, stored: torch.Tensor, is_packed: bool, coft_radius: float | None = None) -> None:
+        self._pending.append((name, self._pool.submit(self._check, rmap, stored, is_packed, coft_radius)))
 
     def results(self) -> list[tuple[str, float]]:
         return [(name, future.result()) for name, future in self._pending]

@@ -15,6 +15,7 @@ from oftmerge.engine.adapter import write_adapter
 from oftmerge.errors import OftMergeError
 from oftmerge.formats.io import TensorDict
 from oftmerge.formats.peft_oft import RELEASES, OftAdapter, adapter_from_tensors
+from oftmerge.formats.sources import describe_record
 from oftmerge.formats.writer import PEFT_OFT, BlockConfig
 from oftmerge.integrations.cards import adapter_card
 from oftmerge.linalg import RotationMap
@@ -32,9 +33,15 @@ class InputInfo:
     rotation_map: str
     modules: int
     weight: float
+    hub: Mapping[str, Any] | None = None  #: for a Hub input: ``repo_id``, ``revision`` asked for, ``commit``
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        if d["hub"] is None:  # local inputs: the record as before
+            del d["hub"]
+        else:
+            d["hub"] = dict(d["hub"])
+        return d
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,14 @@ class MergeResult:
     saved_modules: str = "identical"  #: the policy for the inputs' saved heads and biases
     #: saved tensor (model name) -> what the merge did with it (:meth:`oftmerge.plan.saved.SavedPlan.describe`)
     saved: dict[str, str] = field(default_factory=dict)
+    #: the base model the shapes were checked against (:meth:`oftmerge.plan.merge.MergeBase.record`), if any
+    base: dict[str, Any] | None = None
+
+    @property
+    def release(self) -> str:
+        """The PEFT release family the output is written as: its layout, or ``"0.16"`` when it keeps 0.16-0.17's series."""
+        rmap = self.rotation_map
+        return "0.16" if self.layout == "0.18" and rmap.kind == "neumann" and rmap.variant == "0.16" else self.layout
 
     @property
     def output_bytes(self) -> int:
@@ -92,10 +107,11 @@ class MergeResult:
             "options": self.options,
             "scale": self.scale,
             "rotation_map": self.rotation_map.describe(),
-            "layout": RELEASES[self.layout],
+            "layout": RELEASES[self.release],
             "inputs": [i.to_dict() for i in self.inputs],
             "warnings": self.warnings,
             **({"saved_modules": {"policy": self.saved_modules, "tensors": dict(self.saved)}} if self.saved else {}),
+            **({"base": self.base} if self.base is not None else {}),
         }
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
@@ -114,7 +130,7 @@ class MergeResult:
         if self.dry_run:
             raise OftMergeError("this is a dry-run merge result: nothing was merged, nothing can be folded")
         label = Path("<merged adapter>")
-        read = adapter_from_tensors(label, self.config, TensorDict(self.tensors, str(label)), peft_release=self.layout, base_shapes=base_shapes)
+        read = adapter_from_tensors(label, self.config, TensorDict(self.tensors, str(label)), peft_release=self.release, base_shapes=base_shapes)
         return read, self.provenance()
 
     def summary(self, max_modules: int = 12) -> str:
@@ -122,13 +138,16 @@ class MergeResult:
         lines = [f"method: {self.method}" + (f" {self.options}" if self.options else "") + (f", scale {self.scale}" if self.scale != 1 else "")]
         for i, info in enumerate(self.inputs):
             lines.append(
-                f"  input {i}: {info.path}  (PEFT {RELEASES[info.release]}, {info.rotation_map}, "
+                f"  input {i}: {describe_record(info.path, info.hub)}  (PEFT {RELEASES[info.release]}, {info.rotation_map}, "
                 f"{info.modules} modules, weight {info.weight:g})"
             )
+        if self.base is not None:
+            told = "given" if self.base["from"] == "given" else "named by the adapters' base_model_name_or_path"
+            lines.append(f"  base (shapes checked): {describe_record(self.base['path'], self.base.get('hub'))}  ({told})")
         bc = self.block_config
         grid = "" if bc is None else (f", oft_block_size={bc.oft_block_size}" if bc.oft_block_size else f", r={bc.r}")
         lines.append(
-            f"output: PEFT {RELEASES[self.layout]} layout, {self.rotation_map.describe()}{grid}, "
+            f"output: PEFT {RELEASES[self.release]} layout, {self.rotation_map.describe()}{grid}, "
             f"{len(self.plan)} modules, {self.output_bytes / 1e6:.2f} MB"
         )
         if self.dry_run:

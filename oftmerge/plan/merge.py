@@ -11,6 +11,7 @@ to the plan's grid and measure them. :func:`plan_merge` puts them together into 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ import torch
 from oftmerge.errors import IncompatibleAdaptersError, OftMergeError
 from oftmerge.formats.io import sha256_file
 from oftmerge.formats.peft_oft import RELEASES, ModuleSpec, OftAdapter, in_saved_module
+from oftmerge.formats.sources import ResolvedSource, configured_base, describe_source, resolve_source, source_record
 from oftmerge.formats.writer import CURRENT_CONFIG_TEMPLATE, BlockConfig, choose_block_config
 from oftmerge.linalg import RotationMap, regrid_blocks
 from oftmerge.methods import MergeMethod, get_method
@@ -29,9 +31,12 @@ from oftmerge.plan.saved import SavedPlan, plan_saved
 from oftmerge.provenance import peft_version
 
 __all__ = [
+    "MergeBase",
     "MergePlan",
     "ModulePlan",
     "block_config",
+    "keep_coft",
+    "merge_base",
     "merged_scale",
     "module_norm",
     "output_config",
@@ -41,6 +46,8 @@ __all__ = [
     "resolve_rotation_map",
     "to_grid",
 ]
+
+log = logging.getLogger(__name__)
 
 
 def resolve_rotation_map(maps: Sequence[RotationMap], choice: str, layout: str) -> tuple[RotationMap, list[str]]:
@@ -63,6 +70,12 @@ def resolve_rotation_map(maps: Sequence[RotationMap], choice: str, layout: str) 
         else:
             terms_in = {m.terms for m in unique if m.kind == "neumann"}
             terms = terms_in.pop() if len(terms_in) == 1 else 5
+        if any(m.kind == "neumann" and m.variant == "0.16" for m in unique):
+            notes.append(
+                f"cayley={choice!r}: the output is written for PEFT >= 0.18's Cayley-Neumann series ({terms} terms), while "
+                "inputs were trained with PEFT 0.16-0.17's: the merged model's function differs from the inputs' by that "
+                "change of series, as after `oftmerge convert --approximate` (cayley='auto' keeps the inputs' series)"
+            )
         return RotationMap("neumann", terms, "0.18"), notes
     if choice != "auto":
         raise OftMergeError(f"cayley must be 'auto', 'exact', 'neumann' or 'neumann:N', got {choice!r}")
@@ -75,11 +88,11 @@ def resolve_rotation_map(maps: Sequence[RotationMap], choice: str, layout: str) 
     m = unique[0]
     if m.kind == "neumann" and m.variant == "0.16":
         notes.append(
-            f"inputs use PEFT 0.16-0.17's Cayley-Neumann series; PEFT >= 0.18 reads every OFT adapter with its own, "
-            f"slightly different series, so the output is written for that one ({m.terms} terms); fold into the base "
-            "model instead to keep the inputs' exact behaviour"
+            f"inputs use PEFT 0.16-0.17's Cayley-Neumann series ({m.terms} terms): the output keeps it and is written as "
+            "PEFT 0.16-0.17 writes adapters (no peft_version), so PEFT 0.16-0.17 and oftmerge's fold apply the inputs' "
+            "series, and PEFT >= 0.18 treats the output as it treats the inputs (its own series, with its warning). "
+            "Pass cayley='neumann' to write for PEFT >= 0.18's series instead (a change of function, as convert --approximate)"
         )
-        return RotationMap("neumann", m.terms, "0.18"), notes
     return m, notes
 
 
@@ -195,7 +208,9 @@ def output_config(
     if layout == "0.18":
         config = dict(CURRENT_CONFIG_TEMPLATE)
         installed = peft_version()
-        if installed is not None:
+        if rmap.kind == "neumann" and rmap.variant == "0.16":  # as 0.16-0.17 wrote it: readers pick that series
+            del config["peft_version"]
+        elif installed is not None:
             from packaging.version import Version
 
             if Version(installed.partition("@")[0]) >= Version("0.18.0"):
@@ -336,6 +351,12 @@ class MergePlan:
     file_hashes: Callable[[], list[str]] = field(compare=False, repr=False)
     #: what the output stores for each tensor the inputs saved besides their rotations (heads, biases)
     saved: tuple[SavedPlan, ...] = ()
+    #: where each input (canonical order) came from; None for an :class:`OftAdapter` given in memory
+    sources: tuple[ResolvedSource | None, ...] = ()
+    #: the base the shapes were checked against, if any
+    base: MergeBase | None = None
+    #: COFT's eps when the output keeps COFT on and stores the inputs' tensors as they are (:func:`keep_coft`)
+    coft_eps: float | None = None
 
     def grid(self) -> dict[str, tuple[tuple[int, ...], int]]:
         """module -> (the inputs' block sizes, the output block size)."""
@@ -355,16 +376,62 @@ class MergePlan:
         return group.share([len(p.entries) * (p.features or 1) for p in self.modules])
 
 
+@dataclass(frozen=True)
+class MergeBase:
+    """The base model a merge (or ``inspect``) checks shapes against: given, or named by the adapters' configs."""
+
+    source: ResolvedSource
+    defaulted: bool  #: taken from the adapters' ``base_model_name_or_path`` (no base was given)
+
+    def record(self) -> dict[str, Any]:
+        """For the provenance: the local path, where it came from, and for a Hub base its repo id and commit."""
+        hub = source_record(self.source)
+        return {"path": str(self.source.path.absolute()), "from": "adapter config" if self.defaulted else "given",
+                **({"hub": hub} if hub else {})}  # fmt: skip
+
+    def describe(self) -> str:
+        return describe_source(self.source) + (" (the adapters' base_model_name_or_path)" if self.defaulted else "")
+
+
+def merge_base(given: Any, adapters: Sequence[Any]) -> tuple[MergeBase | None, dict[str, tuple[int, ...]] | None]:
+    """The base of a merge and its tensor shapes: ``given`` (a directory or Hub id), else the one the adapters name.
+
+    A base the adapters name (``base_model_name_or_path``, the same in all) is used only when it is
+    at hand without a download: a local directory, or a Hub id already in the Hub cache. Otherwise
+    the merge goes on without a base, as it would without one given.
+    """
+    from oftmerge.formats.checkpoint import Checkpoint
+
+    if given is not None:
+        src = resolve_source(given, "base model")
+        return MergeBase(src, False), Checkpoint(src.path).shapes()
+    name = configured_base(adapters)
+    if name is None:
+        return None, None
+    try:
+        src = resolve_source(name, "base model", local_only=True)
+        return MergeBase(src, True), Checkpoint(src.path).shapes()
+    except OftMergeError as exc:
+        log.info("not checking against the adapters' base model %s: %s", name, exc)
+        return None, None
+
+
 def plan_merge(config: Any) -> MergePlan:
     """Read the inputs of ``config`` (a :class:`~oftmerge.config.MergeConfig`) and plan the merge."""
     from oftmerge.formats.base import read_oft_adapter
-    from oftmerge.formats.checkpoint import Checkpoint
 
-    base_shapes = Checkpoint(config.base).shapes() if config.base is not None else None
-    read = [
-        a if isinstance(a, OftAdapter) else read_oft_adapter(a, peft_release=rel, base_shapes=base_shapes)
-        for a, rel in zip(config.adapters, config.releases())
-    ]
+    sources = [None if isinstance(a, OftAdapter) else resolve_source(a, "adapter") for a in config.adapters]
+    base, base_shapes = merge_base(config.base, [a if s is None else s for a, s in zip(config.adapters, sources)])
+    read = []
+    try:
+        for a, src, rel in zip(config.adapters, sources, config.releases()):
+            read.append(a if src is None else read_oft_adapter(src.path, peft_release=rel, base_shapes=base_shapes))
+    except IncompatibleAdaptersError as exc:
+        if base is None or not base.defaulted:
+            raise
+        raise IncompatibleAdaptersError(
+            f"{exc} (checked against {base.describe()}; pass base=... / --base to check against another base)"
+        ) from None
     weights = list(config.weights) if config.weights is not None else [1.0] * len(read)
     meth = get_method(config.method)
     file_hashes, keys = _input_hashes(read, need_content=not meth.order_matters)
@@ -374,6 +441,7 @@ def plan_merge(config: Any) -> MergePlan:
         order.sort(key=lambda i: (keys[i], weights[i], str(read[i].path)))
     read = [read[i] for i in order]
     weights = [weights[i] for i in order]
+    sources = [sources[i] for i in order]
     names = {a.base_model for a in read} - {None}
     if len(names) > 1 and not config.allow_base_mismatch:
         raise IncompatibleAdaptersError(
@@ -390,12 +458,16 @@ def plan_merge(config: Any) -> MergePlan:
     saved = plan_saved(read, weights, order, config.saved_modules)
     adapter_config = output_config(read, plans, layout, rmap, blocks, shared, warnings, saved)
     dtypes = {a.dtype(name) for a in read for name in a.modules}
+    coft_eps = keep_coft(read, plans, blocks, layout, shared, meth, weights, config.scale)
+    if coft_eps is not None:  # the stored tensors are written as they are; PEFT projects them as before
+        adapter_config.update(coft=True, eps=coft_eps)
     # modules whose inputs all store the generator packed on the output grid go through the merge packed:
     # a linear method commutes with packing, and ||Q||_F = sqrt(2) ||upper triangle||
     packed = frozenset(
         p.name for p in plans
         if layout == "0.18" and not shared and (meth.from_sum is not None or len(p.entries) == 1)
-        and all(read[i].is_packed(p.name) and s.block_size == blocks.sizes[p.name] and not s.shared for i, s in p.entries)
+        and all((read[i].is_packed(p.name) or (coft_eps is not None and read[i].stores_packed(p.name)))
+                and s.block_size == blocks.sizes[p.name] and not s.shared for i, s in p.entries)
     )  # fmt: skip
     return MergePlan(
         config=config,
@@ -415,7 +487,39 @@ def plan_merge(config: Any) -> MergePlan:
         warnings=tuple(warnings),
         file_hashes=file_hashes,
         saved=saved,
+        sources=tuple(sources),
+        base=base,
+        coft_eps=coft_eps,
     )
+
+
+def keep_coft(
+    read: Sequence[OftAdapter], plans: Sequence[ModulePlan], blocks: BlockConfig, layout: str, shared: bool,
+    meth: MergeMethod, weights: Sequence[float], scale: float,
+) -> float | None:
+    """COFT's ``eps`` when the output can keep COFT on, storing each input's tensor unchanged; else None.
+
+    COFT projects each stored generator before PEFT's map; a merged generator must be stored
+    projected with COFT off (a second projection would clip it). When every module is adapted by
+    one input and keeps that input's generator exactly (the packed layout, its own block size, no
+    rescaling by ``scale`` or a weight), all inputs use COFT with one ``eps``, the stored tensors
+    can be written as they are with COFT on, and PEFT projects them as it did: the output then
+    keeps each module's stored tensor bit for bit (``N = 1``).
+    """
+    if layout != "0.18" or shared or scale != 1.0 or not all(a.config.get("coft", False) for a in read):
+        return None
+    eps = {float(a.config.get("eps", 6e-5)) for a in read}
+    if len(eps) != 1:
+        return None
+    for p in plans:
+        if len(p.entries) != 1:
+            return None
+        i, spec = p.entries[0]
+        if spec.shared or spec.block_size != blocks.sizes[p.name] or not read[i].stores_packed(p.name):
+            return None
+        if not meth.normalized_weights and abs(weights[i]) != 1.0:
+            return None
+    return eps.pop()
 
 
 def _input_hashes(read: Sequence[OftAdapter], need_content: bool) -> tuple[Callable[[], list[str]], list[str | None]]:

@@ -67,17 +67,39 @@ def test_fold_equals_that_releases_merge_and_unload(case):
 
 
 @pytest.mark.parametrize(
-    "case", [c for c in CASES if _meta(c)["peft_version"] in ("0.18.1", "0.21.2")], ids=_case_id
+    "case", [c for c in CASES if _meta(c)["peft_version"] in ("0.17.1", "0.18.1", "0.21.2")], ids=_case_id
 )
-def test_current_layout_round_trip_is_bit_identical(case, tmp_path):
-    if "coft" in case.name:
-        pytest.skip("COFT inputs are stored projected (see test_coft_round_trip_keeps_the_function)")
-    oftmerge.merge_adapters([case / "adapter"], out_dir=tmp_path / "out")
+def test_packed_layout_round_trip_is_bit_identical(case, tmp_path):
+    """N = 1 keeps every stored tensor bit for bit, COFT (kept on) and PEFT 0.16-0.17's Neumann series (kept) included."""
+    result = oftmerge.merge_adapters([case / "adapter"], out_dir=tmp_path / "out")
     src = case / "adapter" / "adapter_model.safetensors"
     before = load_file(src) if src.exists() else torch.load(case / "adapter" / "adapter_model.bin", weights_only=True)
     after = load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    given = oftmerge.read_adapter(case / "adapter")
+    written = oftmerge.read_adapter(tmp_path / "out")
+    assert written.rotation_map == given.rotation_map, "the output is read with the inputs' map and series"
+    assert [s.coft_radius for s in written.modules.values()] == [s.coft_radius for s in given.modules.values()]
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert ("peft_version" in cfg) == (given.rotation_map.variant != "0.16")
+    assert (result.release == "0.16") == (given.rotation_map.variant == "0.16")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if _meta(c)["peft_version"] == "0.17.1" and "neumann" in c.name], ids=_case_id)
+def test_a_merge_of_017_neumann_inputs_keeps_their_series(case, tmp_path):
+    """Folding the merge of a 0.17 Neumann adapter (with itself, N = 2) gives PEFT 0.17.1's merged weights: no silent change."""
+    a = case / "adapter"
+    result = oftmerge.merge_adapters([a, a], out_dir=tmp_path / "merged")
+    assert result.rotation_map == oftmerge.read_adapter(a).rotation_map and any("keeps it" in w for w in result.warnings)
+    merged = oftmerge.read_adapter(tmp_path / "merged")
+    base, expected = load_file(case / "base.safetensors"), load_file(case / "expected.safetensors")
+    for name, spec in merged.modules.items():
+        ours = fold_weight(base[f"{name}.weight"], adapter_rotation(merged, name), spec)
+        torch.testing.assert_close(ours, expected[f"merged.{name}.weight"], rtol=1e-5, atol=1e-6)
+    # asking for the current series is explicit, and said
+    changed = oftmerge.merge_adapters([a, a], cayley="neumann")
+    assert changed.rotation_map.variant == "0.18" and any("as after `oftmerge convert --approximate`" in w for w in changed.warnings)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name.startswith("coft")], ids=_case_id)

@@ -143,13 +143,13 @@ def test_embedding_and_linear_of_one_name_are_refused():
         ([N3, N3], "auto", N3, None),
         ([EXACT, N5], "auto", EXACT, "inputs use different rotation maps (exact Cayley"),
         ([N3, N5], "auto", EXACT, "inputs use different rotation maps (Cayley-Neumann, 3 terms"),
-        ([N5_016], "auto", N5, "inputs use PEFT 0.16-0.17's Cayley-Neumann series"),
-        ([N3_016, N3_016], "auto", N3, "written for that one (3 terms)"),
+        ([N5_016], "auto", N5_016, "inputs use PEFT 0.16-0.17's Cayley-Neumann series (5 terms): the output keeps it"),
+        ([N3_016, N3_016], "auto", N3_016, "written as PEFT 0.16-0.17 writes adapters"),
         ([N5, N3], "exact", EXACT, None),
         ([EXACT], "neumann", N5, None),  # no series among the inputs: PEFT's default 5 terms
         ([N3, N3, EXACT], "neumann", N3, None),  # the inputs' series
         ([N3, N4], "neumann", N5, None),  # series that disagree: the default
-        ([N3_016], "neumann", N3, None),  # always written for PEFT >= 0.18's series
+        ([N3_016], "neumann", N3, "written for PEFT >= 0.18's Cayley-Neumann series (3 terms), while inputs were trained"),
         ([EXACT], "neumann:7", RotationMap("neumann", 7, "0.18"), None),
         ([N5], "neumann:1", RotationMap("neumann", 1, "0.18"), None),
     ],
