@@ -32,6 +32,7 @@ from typing import Any, Self
 
 from oftmerge.errors import OftMergeError
 from oftmerge.formats.shards import parse_size
+from oftmerge.formats.sources import ResolvedSource
 from oftmerge.methods import get_method
 from oftmerge.methods.decoupling import MAX_ROTATION, ON_DOMAIN_ERROR, TARGETS, Settings
 from oftmerge.methods.euclidean import get_euclidean_method
@@ -49,9 +50,11 @@ def _path_or_object(value: Any) -> Any:
 
 
 def _describe(value: Any) -> Any:
-    """The JSON form of an input: its path (or an in-memory object's label)."""
+    """The JSON form of an input: its path (or an in-memory object's label); a Hub input as ``ns/name@commit``."""
     if isinstance(value, str):
         return value
+    if isinstance(value, ResolvedSource) and value.is_hub:
+        return f"{value.repo_id}@{value.commit or value.revision or 'main'}"
     path = getattr(value, "path", None)
     return str(path) if path is not None else f"<{type(value).__name__}>"
 
@@ -186,7 +189,7 @@ class FoldConfig(_Serialisable):
     """A fold of one adapter (or a :class:`~oftmerge.MergeResult`) into its base model (see :func:`oftmerge.fold_adapter`)."""
 
     adapter: Any
-    base: str
+    base: str | ResolvedSource  #: a directory or Hub id (or one already resolved)
     peft_release: str | None = None
     hash_base: bool = False
     push_to_hub: str | None = None
@@ -195,8 +198,8 @@ class FoldConfig(_Serialisable):
     def __post_init__(self) -> None:
         object.__setattr__(self, "adapter", _path_or_object(self.adapter))
         if self.base is None:
-            raise OftMergeError("give the base model directory (base=... / --base DIR) to fold into")
-        object.__setattr__(self, "base", os.fspath(self.base))
+            raise OftMergeError("give the base model directory or Hub id (base=... / --base) to fold into")
+        object.__setattr__(self, "base", _path_or_object(self.base))
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("experts", nargs="+", metavar="EXPERT", help="LoRA adapter directories and/or full model directories")
-    p.add_argument("--base", required=True, help="base model directory (transformers checkpoint)")
+    p.add_argument("experts", nargs="+", metavar="EXPERT", help="LoRA adapter directories and/or full model directories (or Hub ids NS/NAME[@REV])")
+    p.add_argument("--base", required=True, help="base model directory (transformers checkpoint) or Hub id NS/NAME[@REV]")
     p.add_argument("-o", "--output", help="output model directory (written atomically)")
     p.add_argument("--euclidean", default="ties", choices=list(euclidean_methods()), help="method for residuals (default: %(default)s)")
     p.add_argument("--orthogonal", default="orthomerge", choices=[*available_methods(), "none"],

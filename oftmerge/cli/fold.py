@@ -8,6 +8,7 @@ from oftmerge.cli.common import add_report_arguments, print_report, progress_lin
 
 EPILOG_FOLD = """examples:
   oftmerge fold adapters/oft-upper --base base-model -o folded
+  oftmerge fold my-org/oft-adapter@v1 -o folded     # Hub ids; the base its config names
   oftmerge fold ADAPTER --base BASE -o OUT --shard-size 2GB --overwrite
   oftmerge fold ADAPTER --base BASE --dry-run       # the plan: modules, shards, size
   oftmerge merge A B --fold-into BASE -o OUT        # merge, then fold the merge
@@ -25,9 +26,11 @@ EPILOG_PUSH = """examples:
 def _cmd_fold(args: argparse.Namespace) -> int:
     from oftmerge.config import FoldConfig, RunOptions
     from oftmerge.ops.fold import run_fold
+    from oftmerge.plan.fold import fold_base
 
     require_output(args)
-    config = FoldConfig(args.adapter, args.base, peft_release=args.peft_release, hash_base=args.hash_base,
+    adapter, base = (args.adapter, args.base) if args.base is not None else fold_base(args.adapter)
+    config = FoldConfig(adapter, base, peft_release=args.peft_release, hash_base=args.hash_base,
                         push_to_hub=args.push_to_hub, private=args.private)  # fmt: skip
     run = RunOptions(threads=args.threads, shard_size=args.shard_size, overwrite=args.overwrite, dry_run=args.dry_run,
                      progress=progress_line(not args.quiet))  # fmt: skip
@@ -43,7 +46,8 @@ def _cmd_fold(args: argparse.Namespace) -> int:
             done = f"dry run: nothing written (would write {result.total_bytes / 1e6:.2f} MB in {len(result.shards)} shard(s))"
         else:
             done = f"wrote {result.out_dir}" + (f"; pushed to {args.push_to_hub}" if args.push_to_hub else "")
-        return result.summary(max_modules=args.show) + "\n" + done
+        named = "" if args.base is not None else "base: the one the adapter's config names (base_model_name_or_path)\n"
+        return result.summary(max_modules=args.show) + "\n" + named + done
 
     print_report(args, data=data, text=text)
     return 0
@@ -73,8 +77,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG_FOLD,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    f.add_argument("adapter", metavar="ADAPTER", help="adapter directory written by save_pretrained (any PEFT release)")
-    f.add_argument("--base", required=True, help="base model directory (safetensors, sharded or not, or .bin)")
+    f.add_argument("adapter", metavar="ADAPTER", help="adapter directory written by save_pretrained (any PEFT release), or Hub id NS/NAME[@REV]")
+    f.add_argument("--base", help="base model directory (safetensors, sharded or not, or .bin) or Hub id NS/NAME[@REV]; "
+                   "default: the adapter config's base_model_name_or_path (downloaded if need be)")
     f.add_argument("-o", "--output", help="output model directory (written atomically)")
     f.add_argument("--shard-size", default="5GB", help="largest shard, e.g. 2GB, 500MB (default: %(default)s)")
     add_report_arguments(f, dry_run="print the plan (modules, shards, size); write nothing", listed="modules")

@@ -26,9 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             "and the magnitude correction c the default merge would use."
         ),
     )
-    p.add_argument("adapters", nargs="+", metavar="ADAPTER")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter directories or Hub ids NS/NAME[@REV]")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--show", type=int, default=20, help="modules listed per adapter (default: %(default)s)")
-    p.add_argument("--base", help="base model directory (checks shapes; widths of block_share layers)")
+    p.add_argument("--base", help="base model directory or Hub id (checks shapes; widths of block_share layers); default: the "
+                   "adapters' base_model_name_or_path when it is at hand without a download")
     p.add_argument("--peft-release", help="PEFT release that wrote the inputs, when their config does not record it")
     p.set_defaults(func=_cmd_inspect)

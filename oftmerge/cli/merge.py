@@ -11,6 +11,7 @@ EPILOG_MERGE = """examples:
   oftmerge merge A B C -o out --weights 1,1,0.5 --scale 0.9
   oftmerge merge A B -o out --method karcher --cayley exact
   oftmerge merge A B --dry-run             # show the plan, write nothing
+  oftmerge merge my-org/oft-a my-org/oft-b@v2 -o merged   # Hub ids (HF_HUB_OFFLINE=1: from the cache only)
 
 The merged adapter loads with stock PEFT: PeftModel.from_pretrained(base, "merged").
 """
@@ -79,14 +80,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG_MERGE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    m.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter directories written by save_pretrained")
+    m.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter directories written by save_pretrained, or Hub ids NS/NAME[@REV]")
     m.add_argument("-o", "--output", help="output directory (written atomically)")
     m.add_argument("--method", default="orthomerge", choices=list(available_methods()), help="merge method (default: %(default)s; see `oftmerge methods`)")
     m.add_argument("--weights", help="comma-separated weight per adapter; negative = negate that adapter")
     m.add_argument("--scale", type=float, default=1.0, help="multiply the merged generator (default: 1)")
     m.add_argument("--cayley", default="auto", help="output map: auto (inputs' own if they agree, else exact), exact, neumann, neumann:N")
     m.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, e.g. per_block=true")
-    m.add_argument("--base", help="base model directory: checks shapes, gives widths of block_share layers")
+    m.add_argument("--base", help="base model directory or Hub id: checks shapes, gives widths of block_share layers (default: the "
+                   "adapters' base_model_name_or_path when it is at hand without a download)")
     m.add_argument("--peft-release", help="PEFT release that wrote the inputs, when their config does not record it")
     m.add_argument("--allow-base-mismatch", action="store_true", help="merge adapters whose configs name different base models")
     m.add_argument(
@@ -94,7 +96,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="what to keep of the heads (modules_to_save) and biases the inputs saved: identical (default: kept if every input "
         "that saved one saved the same bytes, else an error), mean (|weight|-weighted), first (in the order given), drop (use the base's)",
     )  # fmt: skip
-    m.add_argument("--fold-into", metavar="BASE", help="write a full model instead: the merge folded into base model directory BASE (see `oftmerge fold`)")
+    m.add_argument("--fold-into", metavar="BASE",
+                   help="write a full model instead: the merge folded into base model BASE, a directory or Hub id (see `oftmerge fold`)")
     m.add_argument("--shard-size", default="5GB", help="with --fold-into: largest shard of the model, e.g. 2GB (default: %(default)s)")
     m.add_argument("--threads", type=int, default=1, help="torch threads for the arithmetic (default: %(default)s; see `oftmerge fold --help`)")
     add_report_arguments(m, dry_run="print the plan; read no generator, write nothing")
@@ -105,7 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="upgrade a legacy OFT checkpoint to the current PEFT layout (only where exact)",
         description="Write an OFT adapter of an older PEFT release in the layout PEFT >= 0.18 loads.",
     )
-    c.add_argument("adapter")
+    c.add_argument("adapter", help="adapter directory or Hub id NS/NAME[@REV]")
     c.add_argument("-o", "--output", required=True)
     c.add_argument("--peft-release", help="PEFT release that wrote the input, when its config does not record it")
     c.add_argument("--approximate", action="store_true", help="allow the PEFT 0.16-0.17 -> 0.18 Neumann series change")

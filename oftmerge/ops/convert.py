@@ -19,11 +19,13 @@ PEFT >= 0.18       already current: copied through unchanged (tensors bit for bi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 from oftmerge.errors import OftMergeError
 from oftmerge.formats import read_oft_adapter
+from oftmerge.formats.sources import resolve_source, source_record
 from oftmerge.linalg import RotationMap
 from oftmerge.ops.merge import merge_adapters
 from oftmerge.ops.merge_result import MergeResult
@@ -39,8 +41,9 @@ def convert_adapter(
     approximate: bool = False,
     overwrite: bool = False,
 ) -> MergeResult:
-    """Write ``src`` (an OFT adapter of any PEFT release) to ``dst`` in the current layout."""
-    adapter = read_oft_adapter(src, peft_release=peft_release)
+    """Write ``src`` (an OFT adapter of any PEFT release; a directory or Hub id) to ``dst`` in the current layout."""
+    source = resolve_source(src, "adapter")
+    adapter = read_oft_adapter(source.path, peft_release=peft_release)
     where = f"{adapter.path} (PEFT {adapter.release_source})"
     if adapter.release == "0.13":
         raise OftMergeError(
@@ -76,6 +79,9 @@ def convert_adapter(
             f"approximate conversion: the largest change of a rotation entry between the 0.16-0.17 and the "
             f"0.18+ series is {worst:.3g}"
         )
+    hub = source_record(source)
+    if hub is not None:  # the provenance names the Hub input, not only its snapshot
+        result.inputs = [dataclasses.replace(info, hub=hub) for info in result.inputs]
     result.method = "convert"
     result.options = {"approximate": approximate}
     result.save(Path(dst), overwrite=overwrite)

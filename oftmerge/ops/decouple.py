@@ -44,6 +44,7 @@ from oftmerge.engine.distributed import Group, is_main, process_group
 from oftmerge.engine.model import write_model
 from oftmerge.engine.threads import torch_threads
 from oftmerge.errors import OftMergeError
+from oftmerge.formats.sources import describe_record
 from oftmerge.integrations.cards import decoupled_model_card
 from oftmerge.kernels.decouple import decouple_weight, merge_residuals
 from oftmerge.methods.decoupling import MAX_ROTATION, Decomposition, LayerReport, Settings
@@ -69,6 +70,7 @@ class DecoupleResult:
     warnings: list[str] = field(default_factory=list)
     dry_run: bool = False
     out_dir: Path | None = None
+    base_hub: dict[str, Any] | None = None  #: for a Hub base: ``repo_id``, ``revision`` asked for, ``commit``
 
     def provenance(self) -> dict[str, Any]:
         versions = library_versions()
@@ -78,6 +80,7 @@ class DecoupleResult:
             "versions": versions,
             "settings": self.settings.to_dict(),
             "base": self.base,
+            **({"base_hub": self.base_hub} if self.base_hub else {}),
             "experts": [dict(e.describe(), weight=w) for e, w in zip(self.experts, self.weights)],
             "warnings": self.warnings,
             "totals": self.totals(),
@@ -107,7 +110,7 @@ class DecoupleResult:
         orth = "none (Euclidean method alone)" if s.orthogonal is None else f"{s.orthogonal}, target {s.target}, procrustes {s.procrustes}"
         lines = [f"euclidean: {s.euclidean} {dict(s.euclidean_options)}; orthogonal: {orth}"]
         for i, (e, w) in enumerate(zip(self.experts, self.weights)):
-            lines.append(f"  expert {i}: {e.path} ({e.kind}, weight {w:g})")
+            lines.append(f"  expert {i}: {describe_record(str(e.path), e.hub)} ({e.kind}, weight {w:g})")
         n_dec = sum(1 for v in self.plan.values() if v == "decouple")
         lines.append(f"  {len(self.plan)} tensors changed by the experts: {n_dec} decoupled, {len(self.plan) - n_dec} Euclidean only")
         if self.dry_run:
@@ -200,11 +203,12 @@ def decouple_merge(
     """Merge LoRA adapters and/or full finetunes of ``base`` into one full model, tensor by tensor.
 
     Args:
-        base: the base model directory (a ``transformers`` checkpoint), or a whole
+        base: the base model directory (a ``transformers`` checkpoint) or Hub id, or a whole
             :class:`~oftmerge.config.DecoupleConfig` (then ``experts`` ... ``euclidean_only``
             are not used).
         experts: PEFT LoRA adapter directories (``W0 + s B A``, DoRA on linear layers) and/or
-            model directories of full finetunes of ``base``, in any mix.
+            model directories of full finetunes of ``base``, in any mix; each may be a Hub id
+            (``ns/name[@revision]``, see :mod:`oftmerge.formats.sources`).
         euclidean: ``ta``, ``ties``, ``dare`` or ``tsv`` (``oftmerge.methods.euclidean``); merges
             the residuals (or, for tensors not decoupled, the task vectors).
         orthogonal: an so(d) method of :func:`oftmerge.available_methods` (``orthomerge``,
@@ -255,7 +259,8 @@ def run_decouple(config: DecoupleConfig, run: RunOptions, out_dir: str | os.Path
     if out_dir is None and not run.dry_run:
         raise OftMergeError("give an output directory (out_dir=... / -o OUT), or dry_run=True to see the plan")
     plan = plan_decouple(config)
-    result = DecoupleResult(plan.settings, str(plan.base), list(plan.experts), list(plan.weights), dict(plan.tensors), dry_run=run.dry_run)
+    result = DecoupleResult(plan.settings, str(plan.base), list(plan.experts), list(plan.weights), dict(plan.tensors), dry_run=run.dry_run,
+                            base_hub=dict(plan.base_hub) if plan.base_hub else None)  # fmt: skip
     if run.dry_run:
         return result
     assert out_dir is not None

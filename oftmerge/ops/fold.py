@@ -44,10 +44,11 @@ from oftmerge.engine.model import write_model
 from oftmerge.engine.threads import torch_threads
 from oftmerge.errors import NumericalError, OftMergeError
 from oftmerge.formats.peft_oft import OftAdapter
+from oftmerge.formats.sources import ResolvedSource, describe_record
 from oftmerge.integrations.cards import folded_model_card
 from oftmerge.integrations.hub import push_folder
 from oftmerge.kernels.fold import adapter_rotation, all_finite, fold_weight
-from oftmerge.plan.fold import FoldPlan, plan_fold
+from oftmerge.plan.fold import FoldPlan, fold_base, plan_fold
 from oftmerge.provenance import library_versions
 
 __all__ = ["FoldResult", "fold_adapter", "run_fold"]
@@ -90,8 +91,8 @@ class FoldResult:
 
     def summary(self, max_modules: int = 12) -> str:
         src = self.source
-        what = src.get("path") or f"merge of {len(src.get('inputs', []))} adapters ({src.get('method')})"
-        lines = [f"fold: {what} into {self.base}"]
+        what = describe_record(src["path"], src.get("hub")) if src.get("path") else f"merge of {len(src.get('inputs', []))} adapters ({src.get('method')})"
+        lines = [f"fold: {what} into {describe_record(str(self.base), self.base_info.get('hub'))}"]
         lines.append(
             f"output: {len(self.modules)} weights folded, "
             + (f"{len(self.saved)} replaced by the adapter's saved tensors (heads, biases), " if self.saved else "")
@@ -108,7 +109,7 @@ class FoldResult:
 
 def fold_adapter(
     adapter: str | os.PathLike[str] | OftAdapter | Any,
-    base: str | os.PathLike[str] | None = None,
+    base: str | os.PathLike[str] | ResolvedSource | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     *,
     shard_size: int | str = "5GB",
@@ -125,11 +126,13 @@ def fold_adapter(
     """Fold ``adapter`` into the model in directory ``base`` and write a full model to ``out_dir``.
 
     Args:
-        adapter: an adapter directory (any PEFT release), an
+        adapter: an adapter directory (any PEFT release) or Hub id (``ns/name[@revision]``), an
             :class:`~oftmerge.formats.OftAdapter`, a
             :class:`~oftmerge.MergeResult` (its ``saved_to`` is set to ``out_dir``), or a whole
             :class:`~oftmerge.config.FoldConfig` (then ``base`` ... ``private`` are not used).
-        base: a ``transformers`` model directory (safetensors, sharded or not, or ``.bin``).
+        base: a ``transformers`` model directory (safetensors, sharded or not, or ``.bin``) or a Hub id
+            (``ns/name[@revision]``); when None, the base the adapter's config names
+            (``base_model_name_or_path``: a directory, or a Hub id, downloaded if need be).
         out_dir: the output directory, written atomically; may be None in a dry run.
         shard_size: largest shard, ``"5GB"`` style or bytes (``transformers``' default 5GB).
             Weights keep their dtype whatever the shard size.
@@ -153,6 +156,8 @@ def fold_adapter(
     if isinstance(adapter, FoldConfig):
         config = adapter
     else:
+        if base is None:  # the base the adapter's config names (base_model_name_or_path)
+            adapter, base = fold_base(adapter)
         config = FoldConfig(adapter, base, peft_release=peft_release, hash_base=hash_base, push_to_hub=push_to_hub, private=private)  # type: ignore[arg-type]
     if run is None:
         run = RunOptions(threads=threads, shard_size=shard_size, overwrite=overwrite, dry_run=dry_run, progress=progress)

@@ -23,14 +23,15 @@ from typing import Any
 
 import torch
 
-from oftmerge.errors import OftMergeError
+from oftmerge.errors import IncompatibleAdaptersError, OftMergeError
 from oftmerge.formats.base import read_oft_adapter
 from oftmerge.formats.checkpoint import Checkpoint
 from oftmerge.formats.peft_oft import OftAdapter
+from oftmerge.formats.sources import describe_record, resolve_source, source_record
 from oftmerge.linalg import orthogonality_error
 from oftmerge.ops.merge import merge_adapters, quiet_merge_log
 from oftmerge.plan.fold import saved_keys
-from oftmerge.plan.merge import module_norm, to_grid
+from oftmerge.plan.merge import merge_base, module_norm, to_grid
 
 __all__ = ["inspect_adapters", "render_report"]
 
@@ -102,17 +103,36 @@ def inspect_adapters(
     base: str | os.PathLike[str] | None = None,
     peft_release: str | None = None,
 ) -> dict[str, Any]:
-    """Diagnostics of one or more adapters (see the module docstring); JSON-serialisable."""
-    base_shapes = Checkpoint(base).shapes() if base is not None else None
-    read = [a if isinstance(a, OftAdapter) else read_oft_adapter(a, peft_release=peft_release, base_shapes=base_shapes) for a in adapters]
+    """Diagnostics of one or more adapters (see the module docstring); JSON-serialisable.
+
+    Adapters and ``base`` may be Hub ids (:mod:`oftmerge.formats.sources`). Without ``base``, the
+    base the adapters' configs name is used when it is at hand without a download (as for a merge,
+    :func:`oftmerge.plan.merge.merge_base`); ``report["base"]`` says which base was used (or None).
+    """
+    given = [a if isinstance(a, OftAdapter) else resolve_source(a, "adapter") for a in adapters]
+    sources = [None if isinstance(a, OftAdapter) else a for a in given]
+    chosen, base_shapes = merge_base(base, [s for s in sources if s is not None])
+
+    def read_all(shapes: dict[str, tuple[int, ...]] | None) -> list[OftAdapter]:
+        return [a if isinstance(a, OftAdapter) else read_oft_adapter(a.path, peft_release=peft_release, base_shapes=shapes) for a in given]
+
+    report: dict[str, Any] = {"adapters": [], "base": None if chosen is None else chosen.record()}
+    try:
+        read = read_all(base_shapes)
+    except IncompatibleAdaptersError as exc:
+        if chosen is None or not chosen.defaulted:
+            raise
+        report["base"] = dict(chosen.record(), error=str(exc))  # described without it, as with no base at hand
+        chosen, read = None, read_all(None)
+    base_dir = None if chosen is None else chosen.source.path
     widths = {n: s.features for a in read for n, s in a.modules.items() if s.features}  # for shared blocks
-    report: dict[str, Any] = {"adapters": []}
-    ckpt = Checkpoint(base) if base is not None and any(a.saved for a in read) else None
-    for a in read:
+    ckpt = Checkpoint(base_dir) if base_dir is not None and any(a.saved for a in read) else None
+    for a, src in zip(read, sources):
         modules = [_module_report(a, n, widths.get(n)) for n in a.modules]
         report["adapters"].append(
             {
                 "path": str(a.path),
+                **({"hub": source_record(src)} if src is not None and src.is_hub else {}),
                 "release": a.release,
                 "release_source": a.release_source,
                 "peft_version": a.peft_version,
@@ -136,7 +156,7 @@ def inspect_adapters(
 
         try:
             with quiet_merge_log():  # its warnings are part of this report, not log lines
-                result = merge_adapters(read, base=base, allow_base_mismatch=True)
+                result = merge_adapters(read, base=base_dir, allow_base_mismatch=True)
         except OftMergeError as exc:  # the adapters are described all the same; say why they would not merge
             report["merge"] = {"error": str(exc), "modules": {}, "warnings": []}
             return report
@@ -154,8 +174,15 @@ def inspect_adapters(
 def render_report(report: dict[str, Any], *, max_modules: int = 20) -> str:
     """The human-readable table ``oftmerge inspect`` prints."""
     lines: list[str] = []
+    base = report.get("base")
+    if base is not None:
+        where = describe_record(base["path"], base.get("hub"))
+        if "error" in base:
+            lines.append(f"base {where} (named by the adapters' configs) not used, the adapters do not fit it: {base['error']}")
+        else:
+            lines.append(f"base: {where}" + ("" if base["from"] == "given" else " (named by the adapters' base_model_name_or_path)"))
     for i, a in enumerate(report["adapters"]):
-        lines.append(f"[{i}] {a['path']}")
+        lines.append(f"[{i}] {describe_record(a['path'], a.get('hub'))}")
         lines.append(f"    PEFT {a['release_source']}; {a['rotation_map']}" + ("; block_share" if a["block_share"] else "") + ("; COFT" if a["coft"] else ""))
         qn = a["q_norm"]
         lines.append(

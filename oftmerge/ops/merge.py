@@ -156,7 +156,8 @@ def run_merge(config: MergeConfig, run: RunOptions, out_dir: str | os.PathLike[s
         dry_run=run.dry_run,
         saved_modules=config.saved_modules,
         saved={s.name: s.describe([str(a.path) for a in plan.adapters]) for s in plan.saved},
-        base=None if plan.base is None else plan.base.record(),
+        # the base, unless it is a local directory the user gave (the record of such a merge is as it was)
+        base=plan.base.record() if plan.base is not None and (plan.base.defaulted or plan.base.source.is_hub) else None,
     )
     result.plan = plan.grid()
     if run.dry_run:
@@ -247,19 +248,26 @@ def _execute(plan: MergePlan, run: RunOptions, result: MergeResult) -> tuple[lis
 
 
 def _copy_saved_base(plan: MergePlan, p: ModulePlan, tensors: dict[str, torch.Tensor]) -> None:
-    """The base-weight copy PEFT saved with the adapters (targeted embeddings), when every input saved the same."""
+    """The base-weight copy PEFT saved with the adapters (targeted embeddings), when every input saved the same.
+
+    Inputs that do not adapt ``p`` may hold a copy too (:attr:`~oftmerge.formats.peft_oft.OftAdapter.base_copies`:
+    PEFT saves one for every embedding a tuner of the model wraps); it is compared, never written.
+    """
     read = plan.adapters
-    copies = [(i, read[i].saved_base_weight(p.name)) for i, _ in p.entries if p.name in read[i].saved_base]
-    if not copies:
+    holders = [i for i, a in enumerate(read) if p.name in a.saved_base or p.name in a.base_copies]
+    if not holders:
         return
+    copies = [(i, read[i].saved_base_weight(p.name)) for i in holders]
     first = copies[0][1]
-    if any(not torch.equal(first, t) for _, t in copies[1:]):
+    if any(first.shape != t.shape or not torch.equal(first, t) for _, t in copies[1:]):
         raise IncompatibleAdaptersError(
             f"module {p.name!r}: the adapters saved different copies of its base weight "
-            f"({', '.join(str(read[i].path) for i, _ in copies)}); they were trained on different "
+            f"({', '.join(f'{read[i].path} {list(t.shape)}' for i, t in copies)}); they were trained on different "
             "base models (e.g. resized vocabularies) and cannot be merged"
         )
-    tensors[read[copies[0][0]].saved_base[p.name]] = first
+    written = [(i, t) for i, t in copies if p.name in read[i].saved_base]
+    if written:  # only an adapter that adapts the module carries its copy (as PEFT saves it)
+        tensors[read[written[0][0]].saved_base[p.name]] = written[0][1]
 
 
 def _summarise(plan: MergePlan, result: MergeResult, cancelled: list[str], non_orthogonal: list[tuple[str, float]]) -> None:

@@ -85,7 +85,8 @@ class MergeResult:
     saved_modules: str = "identical"  #: the policy for the inputs' saved heads and biases
     #: saved tensor (model name) -> what the merge did with it (:meth:`oftmerge.plan.saved.SavedPlan.describe`)
     saved: dict[str, str] = field(default_factory=dict)
-    #: the base model the shapes were checked against (:meth:`oftmerge.plan.merge.MergeBase.record`), if any
+    #: the base the shapes were checked against (:meth:`oftmerge.plan.merge.MergeBase.record`) when it was taken from
+    #: the adapters' configs or is a Hub repo; None without a base, or for a local directory given as the base
     base: dict[str, Any] | None = None
 
     @property

@@ -10,6 +10,7 @@ every tensor when no orthogonal method is asked for). :mod:`oftmerge.ops.decoupl
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -25,6 +26,7 @@ from oftmerge.errors import IncompatibleAdaptersError, NumericalError, OftMergeE
 from oftmerge.formats.checkpoint import Checkpoint
 from oftmerge.formats.io import read_json, sha256_file
 from oftmerge.formats.lora import LoraAdapter, is_lora_adapter, read_lora
+from oftmerge.formats.sources import resolve_source, source_record
 from oftmerge.methods.decoupling import Settings
 
 __all__ = ["EMBEDDING_PATTERN", "DecouplePlan", "Expert", "plan_decouple"]
@@ -46,6 +48,7 @@ class Expert:
     lora: LoraAdapter | None = None
     checkpoint: Checkpoint | None = None
     changes: frozenset[str] | None = None  #: base tensors a LoRA expert changes (None: any)
+    hub: Mapping[str, Any] | None = None  #: for a Hub expert: ``repo_id``, ``revision`` asked for, ``commit``
 
     def may_change(self, name: str) -> bool:
         return self.changes is None or name in self.changes
@@ -61,6 +64,8 @@ class Expert:
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"path": str(self.path), "kind": self.kind, "sha256": self.sha256}
+        if self.hub:
+            d["hub"] = dict(self.hub)
         if self.lora is not None:
             c = self.lora.config
             d["lora"] = {
@@ -124,6 +129,7 @@ class DecouplePlan:
     weights: tuple[float, ...]  #: canonical order
     tensors: Mapping[str, str]  #: tensor -> "decouple" or "euclidean" (tensors some expert changes), file order
     transposed: frozenset[str]  #: tensors LoRA stores transposed (``fan_in_fan_out``)
+    base_hub: Mapping[str, Any] | None = None  #: for a Hub base: ``repo_id``, ``revision`` asked for, ``commit``
 
     def cost(self, name: str, shape: tuple[int, ...]) -> float:
         """Rough work of one tensor, to balance processes: its entries, and for a decoupled one its solves."""
@@ -137,9 +143,13 @@ class DecouplePlan:
 def plan_decouple(config: Any) -> DecouplePlan:
     """Read the base and the experts of ``config`` (a :class:`~oftmerge.config.DecoupleConfig`) and plan the merge."""
     settings = config.settings()
-    base_ckpt = Checkpoint(config.base)
+    base = resolve_source(config.base, "base model")
+    base_ckpt = Checkpoint(base.path)
     shapes = base_ckpt.shapes()
-    loaded = [_load_expert(e, base_ckpt, shapes) for e in config.experts]
+    loaded = []
+    for e in config.experts:
+        src = resolve_source(e, "expert")
+        loaded.append(dataclasses.replace(_load_expert(src.path, base_ckpt, shapes), hub=source_record(src)))
     ws = [1.0] * len(loaded) if config.weights is None else list(config.weights)
     order = sorted(range(len(loaded)), key=lambda i: (loaded[i].sha256, str(loaded[i].path), ws[i]))
     loaded, ws = [loaded[i] for i in order], [ws[i] for i in order]
@@ -152,4 +162,6 @@ def plan_decouple(config: Any) -> DecouplePlan:
             continue
         flat = len(shapes[name]) != 2 or name in lora_embeddings or only.search(name) is not None
         tensors[name] = "euclidean" if flat or settings.orthogonal is None else "decouple"
-    return DecouplePlan(config, settings, Path(config.base), base_ckpt, tuple(loaded), tuple(ws), tensors, frozenset(transposed))
+    return DecouplePlan(
+        config, settings, base.path, base_ckpt, tuple(loaded), tuple(ws), tensors, frozenset(transposed), source_record(base)
+    )

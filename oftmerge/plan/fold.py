@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import logging
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from oftmerge.errors import IncompatibleAdaptersError
+from oftmerge.errors import AdapterFormatError, IncompatibleAdaptersError, OftMergeError
 from oftmerge.formats.base import read_oft_adapter
 from oftmerge.formats.checkpoint import Checkpoint
 from oftmerge.formats.io import sha256_file
 from oftmerge.formats.peft_oft import RELEASES, OftAdapter
-from oftmerge.formats.shards import TensorInfo, plan_model, tied_embeddings
+from oftmerge.formats.shards import TensorInfo, plan_model, tie_groups, tied_embeddings, tied_shapes
+from oftmerge.formats.sources import ResolvedSource, configured_base, describe_source, resolve_source, source_record
 
-__all__ = ["FoldPlan", "base_key", "plan_fold", "saved_keys"]
+__all__ = ["FoldPlan", "base_key", "fold_base", "plan_fold", "saved_keys"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,16 +51,26 @@ class FoldPlan:
 
 def plan_fold(config: Any, shard_size: int | str = "5GB", *, dry_run: bool = False) -> FoldPlan:
     """Plan the fold of ``config`` (a :class:`~oftmerge.config.FoldConfig`) into shards of ``shard_size``."""
-    base = Path(config.base)
+    base_source = resolve_source(config.base, "base model")
+    base = base_source.path
     ckpt = Checkpoint(base)
-    shapes = ckpt.shapes()
     tied = tied_embeddings(base, ckpt)
-    if tied is not None and tied[1] not in shapes:  # a tied lm_head is the input embedding
-        shapes[tied[1]] = shapes[tied[0]]
+    groups = tie_groups(base, ckpt)
+    # the adapter names modules as the loaded model does, tied weights the checkpoint leaves out included
+    shapes = tied_shapes(base, ckpt, groups=groups)
     read, source, inputs = _read(config, shapes)
+    _refuse_shared_ties(read, groups, base)
     modules = {name: base_key(name, ckpt) for name in read.modules}
     saved = saved_keys(read, ckpt)
     warnings: list[str] = []
+    convs = conv_modules(read, modules, ckpt)
+    if convs:
+        warnings.append(
+            f"{len(convs)} Conv2d module(s) with kernels larger than 1x1 ({', '.join(convs[:3])}{', ...' if len(convs) > 3 else ''}): "
+            "the fold is PEFT's merged weight W R^T (what merge_and_unload gives), but PEFT's unmerged forward computes "
+            "another function for such convs, so the folded model does not reproduce the adapted PeftModel's outputs "
+            "(docs/fold.md, \"Where PEFT disagrees with itself\")"
+        )
     untied = tied if tied is not None and set(tied) & set(modules.values()) else None
     if untied is not None:
         rotated = ", ".join(sorted(set(untied) & set(modules.values())))
@@ -84,10 +99,58 @@ def plan_fold(config: Any, shard_size: int | str = "5GB", *, dry_run: bool = Fal
         untie=untie,
         shards=tuple(tuple(s) for s in shards),
         shard_size=shard_size,
-        base_info=_describe_base(base, ckpt, config.hash_base and not dry_run),
+        base_info=_describe_base(base, ckpt, config.hash_base and not dry_run, source_record(base_source)),
         warnings=tuple(warnings),
         inputs=tuple(inputs),
     )
+
+
+def _refuse_shared_ties(read: OftAdapter, groups: Sequence[Sequence[str]], base: Path) -> None:
+    """Refuse an adapter that rotates a weight tied in a group of more than two (Bart's and T5's ``shared``).
+
+    PEFT wraps each module on its own: in Bart and T5 the encoder and decoder call their own
+    ``embed_tokens`` (tied to ``shared``, never called), and ``lm_head`` is a third name of the same
+    matrix. The adapted model rotates where the adapted module is called, a fold would rotate the one
+    stored matrix, every tied copy. The two-tensor tie (``lm_head`` and the input embedding) is untied
+    instead (see :func:`plan_fold`); here untying ``lm_head`` would leave the ``embed_tokens`` out of the
+    checkpoint (``tie_word_embeddings=false`` unties all of them), and T5 cannot be untied at all
+    (``transformers`` 5's ``T5Config`` always ties).
+    """
+    for group in groups:
+        if len(group) <= 2:
+            continue
+        rotated = sorted(name for name in read.modules if f"{name}.weight" in group)
+        if not rotated:
+            continue
+        source, others = group[0], list(group[1:])
+        called = ", ".join(n.removesuffix(".weight") for n in others)
+        raise IncompatibleAdaptersError(
+            f"cannot fold {', '.join(map(repr, rotated))} into {base}: the base ties {', '.join(others)} to {source} (one stored "
+            f"matrix). The adapted PeftModel rotates only where {' and '.join(map(repr, rotated))} is called (PEFT's forward never "
+            f"calls {source.removesuffix('.weight')}: the model calls {called}, modules of their own), but a fold rotates that one "
+            "matrix, so every tied name, and changes the model; oftmerge unties only a pair (lm_head and one input embedding): "
+            "untying lm_head here would leave the embed_tokens missing from the checkpoint, and T5 cannot be untied in "
+            "transformers 5. Fold an adapter without these modules (train with other target_modules), or use the adapter "
+            "unmerged with PEFT"
+        )
+
+
+def conv_modules(read: OftAdapter, modules: Mapping[str, str], ckpt: Checkpoint) -> list[str]:
+    """Adapted modules whose base weight is a Conv2d kernel larger than 1x1, where PEFT's forward is not its merge.
+
+    PEFT >= 0.16 rotates a Conv2d's input patches in its forward and sums the overlapping ones
+    (``F.fold``), so for a kernel larger than 1x1 its unmerged model differs from its merged weight
+    ``W R^T``, which the fold computes (docs/fold.md, "Where PEFT disagrees with itself"). PEFT 0.7-0.15
+    merge what their forward computes.
+    """
+    if read.release not in ("0.16", "0.18"):
+        return []
+    return [name for name, key in modules.items() if key in ckpt and _is_spatial_conv(tuple(ckpt.shape(key)))]
+
+
+def _is_spatial_conv(shape: tuple[int, ...]) -> bool:
+    """Whether a weight of this shape is a Conv2d kernel larger than 1x1: ``(out, in, kh, kw)`` with ``kh * kw > 1``."""
+    return len(shape) == 4 and shape[2] * shape[3] > 1
 
 
 def _read(config: Any, shapes: Mapping[str, tuple[int, ...]]) -> tuple[OftAdapter, dict[str, Any], list[tuple[str, str]]]:
@@ -96,8 +159,11 @@ def _read(config: Any, shapes: Mapping[str, tuple[int, ...]]) -> tuple[OftAdapte
     if hasattr(adapter, "as_oft_adapter"):  # a MergeResult: folded from memory
         read, source = adapter.as_oft_adapter(shapes)
         return read, source, [("input adapter", i["path"]) for i in source["inputs"]]
+    hub = None
     if not isinstance(adapter, OftAdapter):
-        adapter = read_oft_adapter(adapter, peft_release=config.peft_release, base_shapes=shapes)
+        src = resolve_source(adapter, "adapter")
+        hub = source_record(src)
+        adapter = read_oft_adapter(src.path, peft_release=config.peft_release, base_shapes=shapes)
     source = {
         "path": str(Path(adapter.path).absolute()),
         "sha256": sha256_file(adapter.weights_path),
@@ -105,21 +171,66 @@ def _read(config: Any, shapes: Mapping[str, tuple[int, ...]]) -> tuple[OftAdapte
         "release_source": adapter.release_source,
         "rotation_map": adapter.rotation_map.describe(),
         "base_model_name_or_path": adapter.base_model,
+        **({"hub": hub} if hub else {}),
     }
     return adapter, source, [("the adapter", str(adapter.path))]
 
 
+def fold_base(adapter: Any) -> tuple[Any, ResolvedSource]:
+    """For a fold given no base: the adapter (resolved, when a path or Hub id) and the base its config names, resolved.
+
+    The base is the adapter's ``base_model_name_or_path`` (a merge's: its first input's), a local
+    directory or a Hub id, downloaded if need be (a fold needs the base's weights). When the config
+    names none, or the name does not resolve, the error says what was tried and to pass the base.
+    """
+    if isinstance(adapter, (str, os.PathLike)):
+        adapter = resolve_source(adapter, "adapter")
+    label = describe_source(adapter) if isinstance(adapter, ResolvedSource) else str(getattr(adapter, "path", "<merged adapter>"))
+    name = configured_base([adapter])
+    todo = "pass the base model directory or Hub id (base=... / --base)"
+    if name is None:
+        raise AdapterFormatError(f"{label}: no base model given, and the adapter's config names none (base_model_name_or_path); {todo}")
+    try:
+        base = resolve_source(name, "base model")
+    except OftMergeError as exc:
+        raise AdapterFormatError(f"no base model given, and the one the adapter's config names did not resolve: {exc}; {todo}") from None
+    if not base.path.is_dir():
+        raise AdapterFormatError(
+            f"{label}: no base model given, and the one its config names ({name}, base_model_name_or_path) is not a directory "
+            f"nor a Hub id; {todo}"
+        )
+    log.info("folding into %s, the base model the adapter's config names", describe_source(base))
+    return adapter, base
+
+
 def base_key(name: str, ckpt: Checkpoint) -> str:
-    """The base tensor that module ``name`` (a PEFT module path) folds into."""
+    """The base tensor (a checkpoint key) that module ``name`` (a PEFT module path: the loaded model's names) folds into.
+
+    The model's name is mapped to the checkpoint's with ``transformers``' conversion mapping
+    (:meth:`~oftmerge.formats.checkpoint.Checkpoint.model_key`: ViT's ``vit.layers.0.attention.q_proj``
+    folds into ``vit.encoder.layer.0.attention.attention.query.weight``), and the output keeps the
+    checkpoint's names, as ``merge_and_unload().save_pretrained()`` writes them. A unique suffix
+    match is accepted. A weight ``transformers`` builds from several tensors, and a module the
+    base does not have, are refused.
+    """
     key = f"{name}.weight"
-    if key in ckpt or key == "lm_head.weight":  # a tied lm_head is not stored (see plan_fold)
+    found = ckpt.model_key(key)
+    if found is not None:
+        return found
+    if key == "lm_head.weight":  # a tied lm_head is not stored (see plan_fold)
         return key
-    matches = [k for k in ckpt.keys() if k.endswith("." + key) or key.endswith("." + k)]
-    if len(matches) == 1:
-        return matches[0]
-    hint = f" (candidates: {', '.join(matches[:4])})" if matches else ""
+    why = ckpt.converted(key)
+    if why is not None:
+        raise IncompatibleAdaptersError(
+            f"module {name!r}: its weight {key} is {why}, so it cannot be folded into the base model {ckpt.path} tensor by "
+            "tensor; merge without folding, or leave the module out of the adapter"
+        )
+    matches = [k for k in ckpt.model_shapes() if k.endswith("." + key) or key.endswith("." + k)]
+    if len(matches) == 1 and (found := ckpt.model_key(matches[0])) is not None:
+        return found
+    hint = f"candidates: {', '.join(matches[:4])}" if matches else f"closest: {', '.join(ckpt.closest(key)) or 'none'}"
     raise IncompatibleAdaptersError(
-        f"module {name!r}: the base model {ckpt.path} has no weight {key!r}{hint}; the adapter was trained on "
+        f"module {name!r}: the base model {ckpt.path} has no weight {key!r} ({hint}); the adapter was trained on "
         "another model, or with a different module path"
     )
 
@@ -153,7 +264,7 @@ def saved_keys(read: OftAdapter, ckpt: Checkpoint) -> dict[str, str]:
     return out
 
 
-def _describe_base(base: Path, ckpt: Checkpoint, hash_base: bool) -> dict[str, Any]:
+def _describe_base(base: Path, ckpt: Checkpoint, hash_base: bool, hub: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Name and identity of the base: a fingerprint of its tensor headers, and with ``hash_base`` the files' SHA-256."""
     config = {}
     if (base / "config.json").is_file():
@@ -169,4 +280,6 @@ def _describe_base(base: Path, ckpt: Checkpoint, hash_base: bool) -> dict[str, A
     }
     if hash_base:
         info["sha256"] = {shard: sha256_file(base / shard) for shard in ckpt.shards}
+    if hub:  # a Hub base: the repository and the commit of the snapshot read
+        info["hub"] = dict(hub)
     return info

@@ -398,19 +398,20 @@ def merge_base(given: Any, adapters: Sequence[Any]) -> tuple[MergeBase | None, d
 
     A base the adapters name (``base_model_name_or_path``, the same in all) is used only when it is
     at hand without a download: a local directory, or a Hub id already in the Hub cache. Otherwise
-    the merge goes on without a base, as it would without one given.
+    the merge goes on without a base, as it would without one given (and :func:`plan_merge` drops
+    it, with a warning, when the adapters do not fit it).
     """
     from oftmerge.formats.checkpoint import Checkpoint
 
     if given is not None:
         src = resolve_source(given, "base model")
-        return MergeBase(src, False), Checkpoint(src.path).shapes()
+        return MergeBase(src, False), Checkpoint(src.path).model_shapes()
     name = configured_base(adapters)
     if name is None:
         return None, None
     try:
         src = resolve_source(name, "base model", local_only=True)
-        return MergeBase(src, True), Checkpoint(src.path).shapes()
+        return MergeBase(src, True), Checkpoint(src.path).model_shapes()
     except OftMergeError as exc:
         log.info("not checking against the adapters' base model %s: %s", name, exc)
         return None, None
@@ -421,17 +422,25 @@ def plan_merge(config: Any) -> MergePlan:
     from oftmerge.formats.base import read_oft_adapter
 
     sources = [None if isinstance(a, OftAdapter) else resolve_source(a, "adapter") for a in config.adapters]
-    base, base_shapes = merge_base(config.base, [a if s is None else s for a, s in zip(config.adapters, sources)])
-    read = []
+    # a base the configs name is looked for only for adapters read here (not for ones given in memory)
+    base, base_shapes = merge_base(config.base, [s for s in sources if s is not None])
+    if base is not None:  # with the tied weights the checkpoint leaves out (a tied lm_head): the loaded model has them
+        from oftmerge.formats.shards import tied_shapes
+
+        base_shapes = tied_shapes(base.source.path)
+
+    def read_all(shapes: Mapping[str, tuple[int, ...]] | None) -> list[OftAdapter]:
+        return [a if src is None else read_oft_adapter(src.path, peft_release=rel, base_shapes=shapes)
+                for a, src, rel in zip(config.adapters, sources, config.releases())]  # fmt: skip
+
+    warnings: list[str] = []
     try:
-        for a, src, rel in zip(config.adapters, sources, config.releases()):
-            read.append(a if src is None else read_oft_adapter(src.path, peft_release=rel, base_shapes=base_shapes))
+        read = read_all(base_shapes)
     except IncompatibleAdaptersError as exc:
         if base is None or not base.defaulted:
             raise
-        raise IncompatibleAdaptersError(
-            f"{exc} (checked against {base.describe()}; pass base=... / --base to check against another base)"
-        ) from None
+        warnings.append(f"the adapters do not fit {base.describe()}, so their shapes are not checked against a base ({exc})")
+        base, read = None, read_all(None)
     weights = list(config.weights) if config.weights is not None else [1.0] * len(read)
     meth = get_method(config.method)
     file_hashes, keys = _input_hashes(read, need_content=not meth.order_matters)
@@ -449,7 +458,6 @@ def plan_merge(config: Any) -> MergePlan:
             + "); pass allow_base_mismatch=True (--allow-base-mismatch) if they are the same model saved at "
             "different paths"
         )
-    warnings: list[str] = []
     layout = output_layout(read)
     rmap, notes = resolve_rotation_map([a.rotation_map for a in read], config.cayley, layout)
     warnings += notes
