@@ -302,3 +302,84 @@ def save_full_expert(path: Path, base: Path, *, seed: int, std: float = 0.01) ->
     out = {k: (t + std * torch.randn(t.shape, generator=g).to(t.dtype)) if t.is_floating_point() else t for k, t in sorted(tensors.items())}
     save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
     return path
+
+
+# -- every generator of an adapter directory (the architecture matrix) --------------------------------
+
+
+def stored_generators(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """Module name -> its whole canonical-sign generator (:func:`read_full_generator`), for every OFT module stored.
+
+    The width is read off the stored tensor (blocks x block size; PEFT >= 0.16 packed layout, no ``block_share``).
+    """
+    from safetensors import safe_open
+
+    shapes = {}
+    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), "pt") as f:
+        for key in f.keys():
+            for suffix in (".oft_R.weight", ".oft_embedding_R.weight"):
+                if key.endswith(suffix):
+                    shapes[key.removeprefix("base_model.model.").removesuffix(suffix)] = f.get_slice(key).get_shape()
+    out = {}
+    for name, (rows, n) in sorted(shapes.items()):
+        b = next(b for b in range(2, 4 * n + 2) if b * (b - 1) // 2 == n)
+        out[name] = read_full_generator(adapter_dir, name, rows * b)
+    return out
+
+
+# -- PyTorch .bin bases (as transformers 4 saved them) --------------------------------------------------
+
+
+def save_bin(src: Path, dst: Path, *, shards: int = 1, legacy: bool = False) -> Path:
+    """The safetensors model directory ``src`` re-saved as ``.bin``, the way ``transformers`` 4 wrote it.
+
+    ``torch.save`` of the state dict (checkpoint names, file order) to ``pytorch_model.bin``, or cut into
+    ``shards`` files ``pytorch_model-0000i-of-0000n.bin`` of about equal bytes with the index
+    ``pytorch_model.bin.index.json`` (``metadata.total_size``, ``weight_map`` sorted by name); ``legacy``:
+    the pre-1.6 non-zip pickle format. Other files (config.json, ...) are copied.
+    """
+    import shutil
+
+    from safetensors import safe_open
+
+    dst.mkdir(parents=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(src).iterdir()):
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), "pt") as sf:
+                tensors.update({k: sf.get_tensor(k) for k in sf.keys()})
+        elif f.is_file() and not f.name.endswith(".index.json"):
+            shutil.copyfile(f, dst / f.name)
+    if shards == 1:
+        torch.save(tensors, dst / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy)
+        return dst
+    total = sum(t.nbytes for t in tensors.values())
+    parts: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in tensors.items():
+        if parts[-1] and size + t.nbytes > total * len(parts) / shards and len(parts) < shards:
+            parts.append({})
+        parts[-1][k] = t
+        size += t.nbytes
+    weight_map = {}
+    for i, part in enumerate(parts):
+        name = f"pytorch_model-{i + 1:05d}-of-{len(parts):05d}.bin"
+        torch.save(part, dst / name, _use_new_zipfile_serialization=not legacy)
+        weight_map.update(dict.fromkeys(part, name))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (dst / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return dst
+
+
+def model_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory (safetensors or .bin, sharded or not), by its checkpoint name."""
+    from oftmerge.formats.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(path)
+    return {k: ckpt.read(k) for k in ckpt.keys()}
+
+
+def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest ``max |a - b| / max |b|`` over the tensors of two state dicts with the same names."""
+    assert set(a) == set(b), sorted(set(a) ^ set(b))[:6]
+    return max(float((a[k].double() - b[k].double()).abs().max()) / max(float(b[k].double().abs().max()), 1e-30) for k in b)

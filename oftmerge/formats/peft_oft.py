@@ -111,6 +111,11 @@ class OftAdapter:
     #: module -> key of a copy of its base weight that PEFT saved with the adapter
     #: (``save_embedding_layers``, automatic when an embedding is targeted)
     saved_base: Mapping[str, str] = field(default_factory=dict)
+    #: module -> key of a copy of its base weight, for modules this adapter does *not* adapt: PEFT's
+    #: ``save_embedding_layers="auto"`` saves a copy of every input/output embedding a tuner wraps,
+    #: also one that another adapter of the same model wraps. They are never written out; a merge only
+    #: checks that its inputs' copies of a module it merges agree (see :mod:`oftmerge.ops.merge`)
+    base_copies: Mapping[str, str] = field(default_factory=dict)
 
     #: model tensor name (``classifier.weight``, ``encoder.layer.0.query.bias``) -> stored key, for the
     #: non-OFT tensors PEFT saved with the adapter (``modules_to_save``, trained biases); on load they
@@ -118,7 +123,8 @@ class OftAdapter:
     saved: Mapping[str, str] = field(default_factory=dict)
 
     def saved_base_weight(self, name: str) -> torch.Tensor:
-        return self._file.get(self.saved_base[name])
+        """The copy of module ``name``'s base weight PEFT saved with the adapter (of :attr:`saved_base` or :attr:`base_copies`)."""
+        return self._file.get(self.saved_base[name] if name in self.saved_base else self.base_copies[name])
 
     def saved_tensor(self, name: str) -> torch.Tensor:
         """Saved tensor ``name`` (a model tensor name, a key of :attr:`saved`) as stored, checked finite."""
@@ -396,12 +402,18 @@ def adapter_from_tensors(
                 break
         else:
             extra.append(key)
-    saved_base = {}
-    for key in list(extra):  # PEFT saves base copies of targeted embeddings (save_embedding_layers)
+    saved_base: dict[str, str] = {}
+    base_copies: dict[str, str] = {}
+    for key in list(extra):  # PEFT saves base copies of the embeddings tuners wrap (save_embedding_layers)
         name = _module_name(key, _BASE_COPY_SUFFIX) if key.endswith(_BASE_COPY_SUFFIX) else None
-        if name is not None and name in found:
+        if name is None:
+            continue
+        if name in found:
             saved_base[name] = key
-            extra.remove(key)
+        else:  # wrapped by another adapter of the model: a copy of the base weight, not part of this adapter
+            _check_base_copy(tf, weights_path, name, key, base_shapes)
+            base_copies[name] = key
+        extra.remove(key)
     saved = saved_tensors(extra, set(found), config, weights_path)
     if not found:
         raise AdapterFormatError(f"{weights_path}: no OFT tensors (oft_R / oft_r) found; is this an OFT adapter?")
@@ -436,8 +448,24 @@ def adapter_from_tensors(
         modules=modules,
         _file=tf,
         saved_base=saved_base,
+        base_copies=base_copies,
         saved=saved,
     )
+
+
+def _check_base_copy(
+    tf: TensorFile | TensorDict, weights_path: Path, name: str, key: str, base_shapes: Mapping[str, tuple[int, ...]] | None
+) -> None:
+    """Refuse a copy of a base weight whose shape is not the base's: the adapter was trained on a resized vocabulary."""
+    wkey = f"{name}.weight"
+    if base_shapes is None or wkey not in base_shapes:
+        return
+    shape, base = tuple(tf.shape(key)), tuple(base_shapes[wkey])
+    if shape != base:
+        raise IncompatibleAdaptersError(
+            f"{weights_path}: {key} is PEFT's copy of base weight {wkey} with shape {shape}, but the base model stores "
+            f"{wkey} with shape {base}; the adapter was trained on another base model (a resized vocabulary?)"
+        )
 
 
 def _module_spec(

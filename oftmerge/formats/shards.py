@@ -31,7 +31,8 @@ tensors in the same order give the same bytes)::
   ``layout``'s order. Both modes write the same bytes.
 
 :func:`plan_model` gives the shards a copy of a base model is cut into (names, dtypes, shapes),
-:func:`tied_embeddings` the tied input/output embedding pair, :func:`copy_model_files` copies the
+:func:`tied_embeddings` the tied input/output embedding pair (:func:`tie_groups` every group of tied
+weights, from ``transformers``' own tie information), :func:`copy_model_files` copies the
 non-weight files (config, tokenizer, ...). The streaming model writer built on them is
 :func:`oftmerge.engine.model.write_model`.
 """
@@ -43,6 +44,7 @@ import logging
 import os
 import shutil
 import struct
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +64,9 @@ __all__ = [
     "plan_model",
     "shard_index",
     "shard_names",
+    "tie_groups",
     "tied_embeddings",
+    "tied_shapes",
     "write_index",
 ]
 
@@ -452,6 +456,81 @@ def tied_embeddings(base_dir: str | os.PathLike[str], checkpoint: Checkpoint | N
     if vocab is not None:
         candidates = [k for k in candidates if ckpt.shape(k)[0] == vocab]
     return (candidates[0], "lm_head.weight") if len(candidates) == 1 else None
+
+
+def _transformers_ties(base_dir: Path) -> Mapping[str, str] | None:
+    """``transformers``' own ``{tied weight: weight it is tied to}`` for the base's model class, or None when it cannot say.
+
+    The class named by ``config.json``'s ``architectures`` is built on the meta device (no memory,
+    no weights) and its ``all_tied_weights_keys`` read: the ``_tied_weights_keys`` of the class and
+    of its sub-models, expanded, empty when the config unties them (``tie_word_embeddings``).
+    ``transformers`` < 5 has no such attribute; a class it does not know (custom code) gives None.
+    """
+    archs = _config(base_dir).get("architectures")
+    if not isinstance(archs, list) or not archs:
+        return None
+    try:
+        import transformers
+
+        cls = next((getattr(transformers, a) for a in archs if isinstance(a, str) and hasattr(transformers, a)), None)
+        if cls is None:
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = transformers.AutoConfig.from_pretrained(base_dir)
+            if getattr(config, "use_pretrained_backbone", False):  # never download a backbone's weights to read ties
+                config.use_pretrained_backbone = False
+            with torch.device("meta"):
+                model = cls(config)
+        ties = getattr(model, "all_tied_weights_keys", None)
+    except Exception as exc:  # any failure to build the class means transformers cannot tell us
+        log.debug("%s: no tie information from transformers (%s: %s)", base_dir, type(exc).__name__, exc)
+        return None
+    return {str(k): str(v) for k, v in ties.items()} if isinstance(ties, Mapping) else None
+
+
+def tie_groups(base_dir: str | os.PathLike[str], checkpoint: Checkpoint | None = None) -> tuple[tuple[str, ...], ...]:
+    """The base's groups of tied weights, as ``transformers`` ties them when it loads the model: model tensor names.
+
+    Each group is the weight the others are tied to, then the others, sorted. Read from
+    ``transformers`` itself (see :func:`_transformers_ties`): Bart gives
+    ``("model.shared.weight", "lm_head.weight", "model.decoder.embed_tokens.weight",
+    "model.encoder.embed_tokens.weight")``, T5 the same around ``shared.weight``, a Llama with tied
+    embeddings ``("model.embed_tokens.weight", "lm_head.weight")``. Where ``transformers`` cannot
+    say, the pair of :func:`tied_embeddings`, if any.
+    """
+    base_dir = Path(base_dir)
+    ties = _transformers_ties(base_dir)
+    if ties is None:
+        pair = tied_embeddings(base_dir, checkpoint)
+        return () if pair is None else (pair,)
+    groups: dict[str, set[str]] = {}
+    for target, source in ties.items():
+        groups.setdefault(source, set()).add(target)
+    return tuple((source, *sorted(targets - {source})) for source, targets in sorted(groups.items()))
+
+
+def tied_shapes(
+    base_dir: str | os.PathLike[str], checkpoint: Checkpoint | None = None, *, groups: Sequence[Sequence[str]] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """The base's weight shapes under the loaded model's names, tied weights the checkpoint leaves out included.
+
+    :meth:`~oftmerge.formats.checkpoint.Checkpoint.model_shapes` plus, for every tied weight that is not
+    stored (a tied ``lm_head.weight``, Bart's ``model.encoder.embed_tokens.weight``), the shape of the
+    stored weight of its group (:func:`tie_groups`, or ``groups`` when given): the shapes the loaded
+    model has, which an adapter is checked against.
+    """
+    ckpt = checkpoint or Checkpoint(Path(base_dir))
+    shapes = ckpt.model_shapes()
+    pair = tied_embeddings(base_dir, ckpt)
+    if pair is not None and pair[1] not in shapes:  # a tied lm_head is the input embedding (a checkpoint key)
+        shapes[pair[1]] = ckpt.shape(pair[0])
+    for group in tie_groups(base_dir, ckpt) if groups is None else groups:
+        stored = [name for name in group if name in shapes]
+        for name in group:
+            if stored and name not in shapes:
+                shapes[name] = shapes[stored[0]]
+    return shapes
 
 
 def _is_weight_file(name: str) -> bool:

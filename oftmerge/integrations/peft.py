@@ -55,7 +55,9 @@ def live_adapter(model: Any, name: str) -> OftAdapter:
             "merge_oft_adapters merges OFT adapters only (for LoRA use PEFT's add_weighted_adapter or "
             "oftmerge's decoupling path)"
         )
-    state = get_peft_model_state_dict(model, adapter_name=name)
+    # no copies of base embeddings (PEFT's save_embedding_layers="auto" adds a vocab x hidden copy of every embedding
+    # a tuner wraps): they are not the adapter, and the merge of adapters saved without them must be the same
+    state = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
     return adapter_from_tensors(Path(f"<live adapter {name}>"), config, TensorDict(state, f"<live adapter {name}>"))
 
 
