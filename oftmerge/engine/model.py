@@ -18,8 +18,9 @@ which shards a process writes, and the main process finalises::
   tensor of the same shape and dtype (the shard headers are planned from the base); ``None``
   keeps the tensor as it is.
 * ``only`` (a predicate on names, or a collection of names) says which tensors ``tensor_fn``
-  needs to see; every other tensor is copied byte for byte from the base's safetensors files,
-  never decoded.
+  needs to see, and ``tensor_fn`` sees no other; every other tensor is copied byte for byte from
+  the base's safetensors files, never decoded (from a ``.bin`` base, which has no byte ranges to
+  copy, it is read and written unchanged).
 * ``tensor_fn`` runs in the calling thread, once per tensor, in order; a reader thread loads the
   next two tensors meanwhile and a writer thread writes the previous result, so memory holds a
   few tensors, never a shard.
@@ -247,7 +248,12 @@ def _stream_tensors(
         with Prefetch(load, layout, ahead=READ_AHEAD) as reads, ThreadPoolExecutor(1, "oftmerge-write") as writes:
             writing: Future[None] | None = None
             for info, (raw, tensor) in reads:
-                new = None if tensor is None else _apply(tensor_fn, info, raw, tensor)
+                if tensor is None:  # copied as raw bytes
+                    new = None
+                elif wanted(info.name):
+                    new = _apply(tensor_fn, info, raw, tensor)
+                else:  # a .bin base has no byte ranges to copy: its tensors are read, and written unchanged
+                    new = tensor
                 del tensor
                 if writing is not None:
                     writing.result()  # one write in flight; re-raises its error

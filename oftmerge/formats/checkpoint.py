@@ -1,8 +1,8 @@
 """Read-only access to a ``transformers`` checkpoint directory, one tensor at a time.
 
 Handles a single ``model.safetensors``, sharded safetensors with
-``model.safetensors.index.json``, and (read safely, fully into memory)
-``pytorch_model.bin`` / its sharded index.
+``model.safetensors.index.json``, and ``pytorch_model.bin`` / its sharded index
+``pytorch_model.bin.index.json`` (unpickled with ``weights_only=True``).
 
 Besides :meth:`Checkpoint.get` (through ``safe_open``), a safetensors tensor
 can be located on disk without reading it (:meth:`Checkpoint.raw`, a
@@ -10,6 +10,19 @@ can be located on disk without reading it (:meth:`Checkpoint.raw`, a
 I/O (:meth:`Checkpoint.read`). Plain reads do not map the file, so a tensor
 that was read and released stops counting toward the resident memory of the
 process, which is what a streaming fold over a large model needs.
+
+A ``.bin`` has no byte ranges to copy. Its tensors are memory-mapped (torch's zip format; a
+legacy pickle is read whole) and :meth:`Checkpoint.read` copies one out and drops its pages
+(:meth:`~oftmerge.formats.io.TensorFile.read`). Of a sharded ``.bin`` one shard is open at a
+time: each is opened once for its order, shapes and dtypes (which are kept), and once more when
+read in :meth:`~Checkpoint.keys_in_file_order`.
+
+Names: keys are the checkpoint's. :meth:`Checkpoint.model_key` and
+:meth:`Checkpoint.model_shapes` speak the loaded model's names, which ``transformers`` 5
+renames for some architectures (:mod:`oftmerge.formats.names`)::
+
+    ckpt = Checkpoint("vit-base")
+    ckpt.model_key("vit.layers.0.attention.q_proj.weight")  # 'vit.encoder.layer.0.attention.attention.query.weight'
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ import torch
 
 from oftmerge.errors import AdapterFormatError
 from oftmerge.formats.io import _SAFETENSORS_DTYPES, TensorFile, read_json
+from oftmerge.formats.names import NameMap, name_map
 
 __all__ = ["Checkpoint", "RawTensor", "read_safetensors_header"]
 
@@ -93,6 +107,10 @@ class Checkpoint:
         self._files: dict[str, TensorFile] = {}
         self._headers: dict[str, tuple[int, dict]] = {}
         self._where: dict[str, str] = {}
+        #: shape and dtype of every tensor of a ``.bin`` shard opened once (a shard is closed when the next opens)
+        self._bin_meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._bin_order: dict[str, list[str]] = {}
+        self._names: NameMap | None = None
         self.index_file: Path | None = None
         for name in _INDEX:
             if (self.path / name).is_file():
@@ -115,9 +133,17 @@ class Checkpoint:
                 )
 
     def _open(self, shard: str) -> TensorFile:
-        if shard not in self._files:
-            self._files[shard] = TensorFile(self.path / shard)
-        return self._files[shard]
+        """The shard's :class:`TensorFile`; opening a ``.bin`` shard closes the ``.bin`` shard open before."""
+        tf = self._files.get(shard)
+        if tf is None:
+            if not shard.endswith(".safetensors"):
+                for other in [s for s in self._files if not s.endswith(".safetensors")]:
+                    del self._files[other]  # its memory map goes once the tensors read from it are released
+            tf = self._files[shard] = TensorFile(self.path / shard)
+            if not shard.endswith(".safetensors"):
+                self._bin_order[shard] = tf.keys()
+                self._bin_meta.update({k: (tf.shape(k), tf.dtype(k)) for k in tf.keys()})
+        return tf
 
     @property
     def shards(self) -> list[str]:
@@ -143,6 +169,12 @@ class Checkpoint:
             keys = by_shard[shard]
             if shard.endswith(".safetensors"):
                 keys = sorted(keys, key=lambda k: self.raw(k).offset)  # type: ignore[union-attr]
+            else:  # the order the .bin was saved in (keys the index names but the file lacks last)
+                if shard not in self._bin_order:
+                    self._open(shard)
+                mine = set(keys)
+                stored = [k for k in self._bin_order[shard] if k in mine]
+                keys = stored + sorted(mine.difference(stored))
             order += keys
         return order
 
@@ -150,6 +182,8 @@ class Checkpoint:
         return self._where[key]
 
     def shape(self, key: str) -> tuple[int, ...]:
+        if key in self._bin_meta:
+            return self._bin_meta[key][0]
         return self._open(self._where[key]).shape(key)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -161,6 +195,8 @@ class Checkpoint:
         return self._open(self._where[key]).get(key)
 
     def dtype(self, key: str) -> torch.dtype:
+        if key in self._bin_meta:
+            return self._bin_meta[key][1]
         return self._open(self._where[key]).dtype(key)
 
     def raw(self, key: str) -> RawTensor | None:
@@ -180,6 +216,56 @@ class Checkpoint:
         return RawTensor(self.path / shard, start + begin, end - begin, entry["dtype"], tuple(entry["shape"]))
 
     def read(self, key: str) -> torch.Tensor:
-        """Tensor ``key`` read without a memory map (safetensors), else as :meth:`get`."""
+        """Tensor ``key`` in memory of its own: read without a memory map (safetensors), or copied out of a ``.bin``'s."""
         raw = self.raw(key)
-        return self.get(key) if raw is None else raw.read()
+        return self._open(self._where[key]).read(key) if raw is None else raw.read()
+
+    # -- model names ------------------------------------------------------------------------------
+
+    @property
+    def names(self) -> NameMap:
+        """Checkpoint keys <-> the loaded model's parameter names (:func:`oftmerge.formats.names.name_map`), built on first use."""
+        if self._names is None:
+            self._names = name_map(self.path, self._where)
+        return self._names
+
+    def model_key(self, name: str) -> str | None:
+        """The checkpoint key of model parameter ``name`` (``vit.layers.0.attention.q_proj.weight``), or None.
+
+        A name the model does not have but the checkpoint stores is that key itself (an adapter
+        trained with ``transformers`` 4, which did not rename, names modules so). None when
+        neither, or when ``transformers`` builds the parameter from other tensors on load
+        (:meth:`converted` says how).
+        """
+        key = self.names.to_checkpoint.get(name)
+        if key is not None:
+            return key
+        if name in self._where and name not in self.names.converted:
+            return name
+        return None
+
+    def converted(self, name: str) -> str | None:
+        """Why model parameter ``name`` has no checkpoint key of its own (a fused, split or permuted tensor), or None."""
+        return self.names.converted.get(name)
+
+    def model_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes keyed by the loaded model's parameter names (each name :meth:`model_key` maps).
+
+        Checkpoint keys the model does not use as names are included under their own name (as
+        :meth:`model_key` accepts them); parameters ``transformers`` builds from other tensors
+        (:meth:`converted`) have the model's shape.
+        """
+        names = self.names
+        out = {name: self.shape(key) for name, key in names.to_checkpoint.items() if key in self._where}
+        for key in self._where:
+            if key not in out and key not in names.converted:
+                out[key] = self.shape(key)
+        for name, shape in names.converted_shapes.items():
+            out.setdefault(name, shape)
+        return out
+
+    def closest(self, name: str, n: int = 3) -> list[str]:
+        """Up to ``n`` model parameter names most like ``name`` (for messages about a missing module)."""
+        import difflib
+
+        return difflib.get_close_matches(name, list(self.model_shapes()), n=n, cutoff=0.5)

@@ -37,7 +37,12 @@ _SAFETENSORS_DTYPES = {
 
 
 class TensorFile:
-    """Lazy, read-only access to the tensors of one checkpoint file."""
+    """Lazy, read-only access to the tensors of one checkpoint file.
+
+    A ``.bin`` is unpickled with ``weights_only=True`` (an arbitrary object is refused) and, in
+    torch's zip format (every ``torch.save`` since 1.6), memory-mapped: opening it reads the
+    pickle, not the tensors. A legacy (non-zip) ``.bin`` is read whole.
+    """
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
@@ -45,6 +50,8 @@ class TensorFile:
             raise AdapterFormatError(f"{self.path}: file not found")
         self._bin: dict[str, torch.Tensor] | None = None
         self._handle: Any = None
+        self.mapped = False  #: a ``.bin`` whose tensors are memory-mapped
+        self._maps: list[tuple[int, int]] | None = None  # where it is mapped, looked up on the first read
         if self.path.suffix == ".safetensors":
             from safetensors import safe_open
 
@@ -57,8 +64,11 @@ class TensorFile:
                     "`save_pretrained(...)` or check that the download was complete."
                 ) from exc
         else:
+            import zipfile
+
+            self.mapped = zipfile.is_zipfile(self.path)  # mmap needs the zip format; a legacy pickle is loaded whole
             try:
-                loaded = torch.load(str(self.path), map_location="cpu", weights_only=True)
+                loaded = torch.load(str(self.path), map_location="cpu", weights_only=True, mmap=self.mapped)
             except Exception as exc:
                 raise AdapterFormatError(
                     f"{self.path}: cannot be read as a PyTorch state dict with weights_only=True "
@@ -96,6 +106,59 @@ class TensorFile:
         if self._bin is not None:
             return self._bin[key]
         return self._handle.get_tensor(key)
+
+    def read(self, key: str) -> torch.Tensor:
+        """Tensor ``key`` in memory of its own.
+
+        From a memory-mapped ``.bin`` it is copied out and the pages it was read from are dropped
+        from the process (``madvise(MADV_DONTNEED)`` on Linux; the mapping is private and never
+        written, so a later access reads the file again), so reading a whole file one tensor at a
+        time keeps only the tensors still referenced in memory. Otherwise as :meth:`get`.
+        """
+        tensor = self.get(key)
+        if not self.mapped:
+            return tensor
+        copy = tensor.clone(memory_format=torch.contiguous_format)
+        self._drop_pages(tensor)
+        return copy
+
+    def _drop_pages(self, tensor: torch.Tensor) -> None:
+        """Release the resident pages under ``tensor``'s storage, if they lie in this file's memory map (Linux only)."""
+        if self._maps is None:
+            self._maps = self._file_maps()
+        storage = tensor.untyped_storage()
+        begin, size = storage.data_ptr(), storage.nbytes()
+        import mmap
+
+        page = mmap.PAGESIZE
+        start, stop = begin // page * page, -(-(begin + size) // page) * page  # whole pages
+        # only pages of a mapping of this very file: dropping anonymous memory would zero it
+        if size and any(lo <= start and stop <= hi for lo, hi in self._maps):
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), 4)  # 4: MADV_DONTNEED; a failure keeps the pages
+
+    def _file_maps(self) -> list[tuple[int, int]]:
+        """Address ranges where this file is mapped into the process (``/proc/self/maps``; none where that is unknown)."""
+        target = os.path.realpath(self.path)
+        ranges = []
+        try:
+            with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    parts = line.split(maxsplit=5)
+                    if len(parts) == 6 and parts[5].rstrip("\n") == target:
+                        first, last = parts[0].split("-")
+                        ranges.append((int(first, 16), int(last, 16)))
+        except OSError:  # not Linux: pages are not dropped
+            return []
+        merged: list[tuple[int, int]] = []
+        for lo, hi in sorted(ranges):  # one mapping may be listed as adjacent pieces
+            if merged and merged[-1][1] == lo:
+                merged[-1] = (merged[-1][0], hi)
+            else:
+                merged.append((lo, hi))
+        return merged
 
     def metadata(self) -> dict[str, str]:
         if self._handle is None:

@@ -18,8 +18,8 @@ different block grids). Four checks per architecture:
 * ``live``: ``PeftModel.merge_oft_adapters`` on the three adapters loaded in one PeftModel gives the
   tensors of the merge from disk, and the same forward.
 
-Cases that fail until an issue-15 item or a reported oftmerge bug is fixed are ``xfail(strict=True)`` with the
-exception they raise now, so they flip when the fix lands (and fail loudly if they break another way).
+A case that fails until a reported bug is fixed is marked with ``Arch(xfail={check: (reason, exception)})``:
+``xfail(strict=True)`` with the exception it raises now, so it flips when the fix lands (none today).
 """
 
 from __future__ import annotations
@@ -40,12 +40,6 @@ import oftmerge.peft  # noqa: F401  (enables PeftModel.merge_oft_adapters)
 from oftmerge.errors import IncompatibleAdaptersError
 
 from helpers import ROOT, orthomerge_generator, stored_generators
-
-#: check -> (reason, the exception raised until the fix lands)
-RENAMED = (
-    "issue 15, renamed checkpoints: transformers 5 saves ViT's vit.layers.N.attention.q_proj as vit.encoder.layer.N.attention.attention.query",
-    IncompatibleAdaptersError,
-)
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -117,8 +111,7 @@ ARCHS = [
          task_type="SEQ_CLS", merge=dict(saved_modules="mean"), peft_unload=False),
     # ViT: the patch embedding is a Conv2d 3 -> 32, kernel 4, stride 4 (rotated on its flattened 48 inputs)
     Arch("vit", "ViTConfig", dict(ENCODER, image_size=16, patch_size=4, num_channels=3), "ViTForImageClassification",
-         ATTN + ["fc1", "fc2", "projection"], ["q_proj", "projection", "classifier"], inputs="image:16", disagrees="conv2d",
-         xfail=dict(fold=RENAMED)),
+         ATTN + ["fc1", "fc2", "projection"], ["q_proj", "projection", "classifier"], inputs="image:16", disagrees="conv2d"),
     Arch("vit-patch", "ViTConfig", dict(ENCODER, image_size=16, patch_size=4, num_channels=3), "ViTForImageClassification",
          ["projection", "classifier"], ["projection"], inputs="image:16", disagrees="conv2d"),
     # padded and strided convs: ResNet basic blocks (3x3, padding 1, stride 1 and 2), 1x1 stride-2 shortcut, 7x7 stride-2 stem
