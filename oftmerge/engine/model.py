@@ -98,8 +98,13 @@ def write_model(
     after_shards: Callable[[], None] | None = None,
     inputs: Inputs = (),
     group: Group | None = None,
+    replace: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a copy of model directory ``base_dir`` to ``out_dir`` (see the module docstring); returns ``out_dir``.
+
+    ``replace`` maps tensor names to tensors written as they are instead of the base's, with
+    their own shape and dtype (``tensor_fn`` is not called for them); names the base does not
+    store are added (a classification head the base lacks).
 
     ``inputs`` are the run's other inputs (``(role, path)``) the output must not replace; the base
     always is one. ``metadata`` is added to every shard's header; ``progress(done, total, name)``
@@ -115,7 +120,8 @@ def write_model(
         wanted = lambda name: True  # noqa: E731
     else:
         wanted = only if callable(only) else set(only).__contains__
-    plan = plan_model(ckpt, shard_size, untie=untie)
+    replace = dict(replace or {})
+    plan = plan_model(ckpt, shard_size, untie=untie, replace=replace)
     names = shard_names(len(plan))
     work = (lambda e: float(e.nbytes)) if cost is None else (lambda e: float(cost(e.name, tuple(e.shape))))
     mine = group.share([sum(work(e) for e in s if wanted(e.name)) * 1e3 + sum(e.nbytes for e in s) for s in plan])
@@ -129,7 +135,7 @@ def write_model(
             part = tmp / f".rank-{group.rank}-shard-{k + 1:05d}"
             part.mkdir()
             # one planned shard alone is cut exactly as in the whole layout, so its header and bytes are the same
-            _stream_tensors(ckpt, part, plan[k], tensor_fn, wanted, untie, shard_size, metadata, counted)
+            _stream_tensors(ckpt, part, plan[k], tensor_fn, wanted, untie, shard_size, metadata, counted, replace)
             os.replace(part / SINGLE_FILE, tmp / names[k])
             part.rmdir()
 
@@ -223,8 +229,9 @@ def _stream_tensors(
     shard_size: int | str,
     metadata: Mapping[str, str] | None,
     progress: Callable[[str], None],
+    replace: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Stream every tensor of ``layout`` into shards in ``tmp``.
+    """Stream every tensor of ``layout`` into shards in ``tmp`` (``replace``: tensors written instead of the base's).
 
     Three stages overlap: a reader thread loads the next tensors (at most :data:`READ_AHEAD`),
     this thread runs ``tensor_fn``, a writer thread writes the previous result (one at a time, in
@@ -233,7 +240,11 @@ def _stream_tensors(
     """
     writer = ShardedWriter(tmp, max_shard_bytes=shard_size, metadata=metadata, layout=layout, sync_every=SYNC_EVERY)
 
+    replace = replace or {}
+
     def load(info: TensorInfo) -> tuple[RawTensor | None, torch.Tensor | None]:
+        if info.name in replace:
+            return None, replace[info.name]
         src = untie[0] if untie is not None and info.name == untie[1] else info.name
         raw = ckpt.raw(src)
         return raw, (ckpt.read(src) if wanted(info.name) or raw is None else None)
@@ -250,6 +261,8 @@ def _stream_tensors(
             for info, (raw, tensor) in reads:
                 if tensor is None:  # copied as raw bytes
                     new = None
+                elif info.name in replace:
+                    new = tensor
                 elif wanted(info.name):
                     new = _apply(tensor_fn, info, raw, tensor)
                 else:  # a .bin base has no byte ranges to copy: its tensors are read, and written unchanged

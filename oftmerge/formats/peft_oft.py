@@ -547,6 +547,14 @@ def _check_against_base(
 ) -> int:
     wkey = f"{name}.weight"
     if wkey not in base_shapes:
+        head, _, rest = wkey.partition(".")
+        if rest in base_shapes:  # a bare backbone checkpoint (BertModel) for an adapter of a model with a head
+            raise IncompatibleAdaptersError(
+                f"{where}: the base model stores {rest!r} without the {head + '.'!r} prefix: it is a checkpoint of the bare "
+                "backbone, while the adapter was trained on a model with a head around it; load the base with that model "
+                "class (e.g. AutoModelForSequenceClassification.from_pretrained(base, num_labels=N)), save_pretrained it, "
+                "and use that directory"
+            )
         raise IncompatibleAdaptersError(
             f"{where}: the base model has no weight {wkey!r}; this adapter was trained on another base model"
         )

@@ -565,11 +565,21 @@ def copy_model_files(base_dir: Path, tmp: Path, config_updates: Mapping[str, Any
 
 
 def plan_model(
-    base: str | os.PathLike[str] | Checkpoint, shard_size: int | str = "5GB", *, untie: tuple[str, str] | None = None
+    base: str | os.PathLike[str] | Checkpoint,
+    shard_size: int | str = "5GB",
+    *,
+    untie: tuple[str, str] | None = None,
+    replace: Mapping[str, torch.Tensor] | None = None,
 ) -> list[list[TensorInfo]]:
-    """The shards :func:`~oftmerge.engine.model.write_model` would write for this base: lists of :class:`TensorInfo`, in order."""
+    """The shards :func:`~oftmerge.engine.model.write_model` would write for this base: lists of :class:`TensorInfo`, in order.
+
+    ``replace`` maps tensor names to tensors written instead of the base's (their own shape and
+    dtype); names the base does not store are added after its tensors.
+    """
     ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base)
+    replace = replace or {}
     keys = ckpt.keys_in_file_order()
+    keys += [k for k in replace if k not in ckpt and (untie is None or k != untie[1])]
     if untie is not None:
         source, target = untie
         if source not in ckpt or target in ckpt:
@@ -577,6 +587,9 @@ def plan_model(
         keys.append(target)
     layout = []
     for key in keys:
+        if key in replace:
+            layout.append(_info(key, replace[key]))
+            continue
         src = untie[0] if untie is not None and key == untie[1] else key
         raw = ckpt.raw(src)
         if raw is not None:

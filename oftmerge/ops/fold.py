@@ -48,7 +48,7 @@ from oftmerge.formats.sources import ResolvedSource, describe_record
 from oftmerge.integrations.cards import folded_model_card
 from oftmerge.integrations.hub import push_folder
 from oftmerge.kernels.fold import adapter_rotation, all_finite, fold_weight
-from oftmerge.plan.fold import FoldPlan, fold_base, plan_fold
+from oftmerge.plan.fold import FoldPlan, fold_base, head_dtype, plan_fold
 from oftmerge.provenance import library_versions
 
 __all__ = ["FoldResult", "fold_adapter", "run_fold"]
@@ -196,7 +196,8 @@ def run_fold(config: FoldConfig, run: RunOptions, out_dir: str | os.PathLike[str
         result.out_dir = write_model(
             plan.base, out_dir, _folder(plan, by_key, run), shard_size=run.shard_size, overwrite=run.overwrite, extra_files=extra,
             only=by_key.__contains__, untie=plan.untie, inputs=plan.inputs,
-            config_updates={"tie_word_embeddings": False} if plan.untied else None,
+            config_updates={**({"tie_word_embeddings": False} if plan.untied else {}), **plan.config_updates} or None,
+            replace=_resized(plan),
         )  # fmt: skip
     if hasattr(config.adapter, "saved_to"):  # a MergeResult
         config.adapter.saved_to = result.out_dir
@@ -206,8 +207,18 @@ def run_fold(config: FoldConfig, run: RunOptions, out_dir: str | os.PathLike[str
 
 
 def _folds(plan: FoldPlan) -> dict[str, str]:
-    """base tensor -> the module folded into it, or the saved tensor (head, bias) that replaces it."""
-    return {**{key: name for name, key in plan.saved.items()}, **{key: name for name, key in plan.modules.items()}}
+    """base tensor -> the module folded into it, or the saved tensor (head, bias) that replaces it (same shape)."""
+    saved = {key: name for name, key in plan.saved.items() if key not in plan.resized}
+    return {**saved, **{key: name for name, key in plan.modules.items()}}
+
+
+def _resized(plan: FoldPlan) -> dict[str, torch.Tensor]:
+    """The head tensors written with their own shape (another number of labels, or a head the base lacks)."""
+    read = plan.adapter
+    return {
+        key: read.saved_tensor(name).to(head_dtype(read, plan.checkpoint, plan.saved, name))
+        for name, key in plan.saved.items() if key in plan.resized
+    }  # fmt: skip
 
 
 def _folder(plan: FoldPlan, by_key: dict[str, str], run: RunOptions) -> Callable[[str, torch.Tensor], torch.Tensor]:

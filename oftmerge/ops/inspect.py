@@ -30,7 +30,7 @@ from oftmerge.formats.peft_oft import OftAdapter
 from oftmerge.formats.sources import describe_record, resolve_source, source_record
 from oftmerge.linalg import orthogonality_error
 from oftmerge.ops.merge import merge_adapters, quiet_merge_log
-from oftmerge.plan.fold import saved_keys
+from oftmerge.plan.fold import head_updates, saved_keys
 from oftmerge.plan.merge import merge_base, module_norm, to_grid
 
 __all__ = ["inspect_adapters", "render_report"]
@@ -74,6 +74,8 @@ def _saved_report(a: OftAdapter, ckpt: Checkpoint | None) -> list[dict[str, Any]
     refused, as the fold refuses it).
     """
     replaces = saved_keys(a, ckpt) if ckpt is not None else {}
+    if ckpt is not None:
+        head_updates(a, ckpt, replaces)  # refuses what the fold would refuse
     return [
         {"name": n, "key": a.saved[n], "shape": list(a.saved_shape(n)), "dtype": str(a.saved_dtype(n)).removeprefix("torch."), "replaces": replaces.get(n)}
         for n in a.saved

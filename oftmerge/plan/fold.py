@@ -19,7 +19,7 @@ from oftmerge.errors import AdapterFormatError, IncompatibleAdaptersError, OftMe
 from oftmerge.formats.base import read_oft_adapter
 from oftmerge.formats.checkpoint import Checkpoint
 from oftmerge.formats.io import sha256_file
-from oftmerge.formats.peft_oft import RELEASES, OftAdapter
+from oftmerge.formats.peft_oft import RELEASES, OftAdapter, in_saved_module
 from oftmerge.formats.shards import TensorInfo, plan_model, tie_groups, tied_embeddings, tied_shapes
 from oftmerge.formats.sources import ResolvedSource, configured_base, describe_source, resolve_source, source_record
 
@@ -40,6 +40,9 @@ class FoldPlan:
     modules: Mapping[str, str]  #: adapted module -> base tensor it folds into
     #: saved tensor of the adapter (head, bias; a model tensor name) -> base tensor it replaces
     saved: Mapping[str, str]
+    #: base tensors a saved head replaces with another shape, or adds (:func:`head_updates`)
+    resized: frozenset[str]
+    config_updates: Mapping[str, Any]  #: ``config.json`` changes the resized head needs (architectures, labels)
     untied: tuple[str, str] | None  #: (input embedding, lm_head) stored apart in the output
     untie: tuple[str, str] | None  #: the writer's ``untie``: only when the base does not store lm_head
     shards: tuple[tuple[TensorInfo, ...], ...]
@@ -62,7 +65,14 @@ def plan_fold(config: Any, shard_size: int | str = "5GB", *, dry_run: bool = Fal
     _refuse_shared_ties(read, groups, base)
     modules = {name: base_key(name, ckpt) for name in read.modules}
     saved = saved_keys(read, ckpt)
+    resized, head_config = head_updates(read, ckpt, saved)
     warnings: list[str] = []
+    if resized:
+        warnings.append(
+            f"the adapter's head ({', '.join(sorted(resized))}) does not fit the base's ({len(head_config['id2label'])} labels "
+            f"in the adapter): the folded model is a {head_config['architectures'][0]} with the adapter's head and labels "
+            "LABEL_0 ..., as PEFT gives after from_pretrained(base, num_labels=N, ignore_mismatched_sizes=True) and merge_and_unload"
+        )
     convs = conv_modules(read, modules, ckpt)
     if convs:
         warnings.append(
@@ -86,7 +96,7 @@ def plan_fold(config: Any, shard_size: int | str = "5GB", *, dry_run: bool = Fal
                 "embedding; the adapter was trained on another model"
             )
     untie = untied if untied is not None and untied[1] not in ckpt else None
-    shards = plan_model(ckpt, shard_size, untie=untie)
+    shards = plan_model(ckpt, shard_size, untie=untie, replace={key: _planned(read, ckpt, saved, key) for key in resized})
     return FoldPlan(
         config=config,
         base=base,
@@ -95,6 +105,8 @@ def plan_fold(config: Any, shard_size: int | str = "5GB", *, dry_run: bool = Fal
         source=source,
         modules=modules,
         saved=saved,
+        resized=frozenset(resized),
+        config_updates=head_config,
         untied=untied,
         untie=untie,
         shards=tuple(tuple(s) for s in shards),
@@ -238,30 +250,99 @@ def base_key(name: str, ckpt: Checkpoint) -> str:
 def saved_keys(read: OftAdapter, ckpt: Checkpoint) -> dict[str, str]:
     """Saved tensor (model name) -> the base tensor it replaces, as PEFT's ``merge_and_unload`` does; checked.
 
-    A saved tensor replaces a tensor of the same name and shape; a head saved for another number
-    of labels, or a head the base does not have, is refused: PEFT's user loads the base with that
-    head first (``AutoModelForSequenceClassification.from_pretrained(base, num_labels=N)``), and
-    the fold must be given a base saved that way.
+    A saved tensor replaces the base's tensor of the same name; it must have the base's shape,
+    except for a classification head (:func:`head_updates`), which the caller resizes or adds.
     """
     out = {}
     for name in read.saved:
-        key = ckpt.model_key(name) if hasattr(ckpt, "model_key") else (name if name in ckpt else None)
-        shape = read.saved_shape(name)
-        if key is None or key not in ckpt:
-            raise IncompatibleAdaptersError(
-                f"the adapter saved {name!r} {list(shape)} (a modules_to_save head or a trained bias) but the base model "
-                f"{ckpt.path} has no such tensor; fold into a base that has this module (for a classification head: "
-                "save AutoModelForSequenceClassification.from_pretrained(base, num_labels=N) and fold into that)"
-            )
-        if tuple(ckpt.shape(key)) != shape:
-            raise IncompatibleAdaptersError(
-                f"the adapter saved {name!r} with shape {list(shape)} but the base model {ckpt.path} stores {key} with shape "
-                f"{list(ckpt.shape(key))} (a head for another number of labels?); fold into a base saved with that head "
-                f"(e.g. AutoModelForSequenceClassification.from_pretrained(base, num_labels={shape[0] if shape else 'N'}, "
-                "ignore_mismatched_sizes=True).save_pretrained(dir))"
-            )
-        out[name] = key
+        key = ckpt.model_key(name)
+        out[name] = key if key is not None and key in ckpt else name
     return out
+
+
+#: PEFT task types whose head is the model's ``num_labels`` output layer, and transformers' class for each
+_HEAD_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification"}
+
+
+def _planned(read: OftAdapter, ckpt: Checkpoint, saved: Mapping[str, str], key: str) -> Any:
+    """An empty (meta) tensor with the shape and dtype a resized head tensor ``key`` is written with (for planning)."""
+    import torch
+
+    name = next(n for n, k in saved.items() if k == key)
+    return torch.empty(read.saved_shape(name), dtype=head_dtype(read, ckpt, saved, name), device="meta")
+
+
+def head_dtype(read: OftAdapter, ckpt: Checkpoint, saved: Mapping[str, str], name: str) -> Any:
+    """The dtype saved tensor ``name`` is written in: the base's tensor's, else the base's floating dtype (as the loaded model has)."""
+    key = saved[name]
+    if key in ckpt:
+        return ckpt.dtype(key)
+    floats = [ckpt.dtype(k) for k in ckpt.keys() if ckpt.dtype(k).is_floating_point]
+    return max(set(floats), key=floats.count) if floats else read.saved_dtype(name)
+
+
+def head_updates(read: OftAdapter, ckpt: Checkpoint, saved: Mapping[str, str]) -> tuple[set[str], dict[str, Any]]:
+    """The saved tensors whose base tensor is missing or of another shape, and the ``config.json`` updates they need.
+
+    PEFT's user loads a base whose head does not match the adapter's (another number of labels,
+    or no head at all) as ``AutoModelForSequenceClassification.from_pretrained(base,
+    num_labels=N, ignore_mismatched_sizes=True)``; ``merge_and_unload`` then saves that model: the
+    adapter's head, ``architectures`` of that class, and the labels ``LABEL_0`` ... of ``N``.
+    ``transformers`` itself says which ``N`` gives the saved shapes (the class built on the meta
+    device for each candidate). Anything else that does not fit the base is refused in one line.
+    """
+    mismatched = {name: read.saved_shape(name) for name, key in saved.items() if key not in ckpt or tuple(ckpt.shape(key)) != read.saved_shape(name)}
+    if not mismatched:
+        return set(), {}
+    task = str(read.config.get("task_type") or "")
+    entries = [str(e) for e in (read.config.get("modules_to_save") or [])]
+    name, shape = next(iter(mismatched.items()))
+    key = saved[name]
+    where = f"the base model {ckpt.path} stores " + (f"no {key!r}" if key not in ckpt else f"{key} with shape {list(ckpt.shape(key))}")
+    if task not in _HEAD_CLASSES or not all(in_saved_module(n, entries) for n in mismatched):
+        raise IncompatibleAdaptersError(
+            f"the adapter saved {name!r} with shape {list(shape)} (a modules_to_save module or a trained bias) but {where}; "
+            "the adapter was trained on another model, or fold into a base saved with that module"
+        )
+    updates = _labels_for(ckpt.path, task, mismatched)
+    if updates is None:
+        raise IncompatibleAdaptersError(
+            f"the adapter's {task} head ({', '.join(f'{n} {list(s)}' for n, s in mismatched.items())}) fits no number of labels "
+            f"of {ckpt.path}'s model class, and {where}; fold into a base saved with that head"
+        )
+    return {saved[n] for n in mismatched}, updates
+
+
+def _labels_for(base: Path, task: str, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any] | None:
+    """``architectures``, ``id2label`` and ``label2id`` of the base's model with the head of these shapes, or None."""
+    import warnings
+
+    import torch
+
+    try:
+        import transformers
+
+        auto = getattr(transformers, _HEAD_CLASSES[task])
+        config = transformers.AutoConfig.from_pretrained(base)
+    except Exception:  # noqa: BLE001 - no transformers, or a config it cannot read: the head cannot be checked
+        return None
+    for n in sorted({s[0] for s in shapes.values() if s}):
+        config.num_labels = n
+        try:
+            with warnings.catch_warnings(), torch.device("meta"):
+                warnings.simplefilter("ignore")
+                model = auto.from_config(config)
+        except Exception:  # noqa: BLE001 - a model type without such a head
+            return None
+        state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if all(state.get(name) == shape for name, shape in shapes.items()):
+            labels = config.to_dict()
+            return {
+                "architectures": [type(model).__name__],
+                "id2label": {str(k): v for k, v in labels["id2label"].items()},
+                "label2id": dict(labels["label2id"]),
+            }
+    return None
 
 
 def _describe_base(base: Path, ckpt: Checkpoint, hash_base: bool, hub: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -122,13 +122,64 @@ def test_fold_equals_merge_and_unload(bert, which, tmp_path):
         assert torch.allclose(folded(X).logits, _peft(bert["base"], bert[which])(X).logits, atol=1e-5)
 
 
-def test_fold_refuses_a_head_for_another_number_of_labels(bert, tmp_path, capsys):
-    assert main(["fold", str(bert["five"]), "--base", str(bert["base"]), "-o", str(tmp_path / "out")]) == 2
+def _pretrained_bert(path):
+    """A checkpoint as users download one: BertForPreTraining (backbone + its pretraining heads, no classifier)."""
+    from transformers import BertConfig, BertForPreTraining
+
+    torch.manual_seed(0)
+    BertForPreTraining(BertConfig(hidden_size=H, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=64)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("base_kind", ["other labels", "pretraining checkpoint"])
+def test_fold_takes_a_head_the_base_does_not_fit_as_peft_does(bert, base_kind, tmp_path):
+    """A 5-label adapter on a 3-label base, or on a checkpoint with no classifier: as PEFT with num_labels=5, ignore_mismatched_sizes."""
+    base = bert["base"] if base_kind == "other labels" else _pretrained_bert(tmp_path / "pretrained")
+    out = tmp_path / "out"
+    assert main(["fold", str(bert["five"]), "--base", str(base), "-o", str(out), "-q"]) == 0
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_model = PeftModel.from_pretrained(_load_bert(base, num_labels=5, ignore_mismatched_sizes=True), str(bert["five"])).merge_and_unload()
+    ref_dir = tmp_path / "ref"
+    ref_model.save_pretrained(ref_dir)
+    ref, got = load_file(ref_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(ref) <= set(got)
+    for k, v in ref.items():
+        assert torch.allclose(got[k], v, rtol=1e-6, atol=1e-7), k
+    cfg, ref_cfg = (json.loads((d / "config.json").read_text()) for d in (out, ref_dir))
+    assert cfg["architectures"] == ref_cfg["architectures"] == ["BertForSequenceClassification"]
+    assert cfg["id2label"] == ref_cfg["id2label"] and len(cfg["id2label"]) == 5
+    with torch.no_grad():
+        assert torch.allclose(_load_bert(out)(X).logits, ref_model.eval()(X).logits, atol=1e-5)
+
+
+def test_fold_names_a_bare_backbone_checkpoint(bert, tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(hidden_size=H, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=64)).save_pretrained(tmp_path / "bare")
+    capsys.readouterr()
+    assert main(["fold", str(bert["five"]), "--base", str(tmp_path / "bare"), "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "'classifier." in err[0] and "num_labels=5" in err[0]
+    assert len(err) == 1 and "without the 'bert.' prefix" in err[0] and "AutoModelForSequenceClassification" in err[0]
+
+
+def test_fold_refuses_a_saved_bias_the_base_does_not_fit(bert, tmp_path, capsys):
+    from transformers import BertConfig
+
+    base = tmp_path / "wider"
+    _bert(base)
+    cfg = BertConfig.from_pretrained(base)
+    cfg.intermediate_size = 128  # the rotated layers fit; the saved intermediate.dense.bias does not
+    from transformers import BertForSequenceClassification
+
+    BertForSequenceClassification(cfg).save_pretrained(base)
+    capsys.readouterr()
+    assert main(["fold", str(bert["all"]), "--base", str(base), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "intermediate.dense.bias" in err[0] and "trained on another model" in err[0]
     assert not (tmp_path / "out").exists()
-    base5 = _bert(tmp_path / "base5", num_labels=5)
-    assert main(["fold", str(bert["five"]), "--base", str(base5), "-o", str(tmp_path / "out"), "-q"]) == 0
 
 
 # -- merge policies ----------------------------------------------------------------------------
