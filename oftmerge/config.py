@@ -225,8 +225,19 @@ class DecoupleConfig(_Serialisable):
         from oftmerge.linalg.procrustes import SOLVERS
 
         set_ = object.__setattr__
+        if not isinstance(self.base, (str, os.PathLike)):
+            raise OftMergeError(f"give the base model directory or Hub id (base=... / --base), got {self.base!r}")
         set_(self, "base", os.fspath(self.base))
-        experts = (self.experts,) if isinstance(self.experts, (str, os.PathLike)) else tuple(self.experts)
+        if isinstance(self.experts, (str, os.PathLike)):
+            experts: tuple[Any, ...] = (self.experts,)
+        else:
+            try:
+                experts = tuple(self.experts)
+            except TypeError:
+                raise OftMergeError(f"experts must be a list of directories or Hub ids, got {self.experts!r}") from None
+        bad = [e for e in experts if not isinstance(e, (str, os.PathLike))]
+        if bad:
+            raise OftMergeError(f"experts must be directories or Hub ids (str or path), got {bad[0]!r}")
         set_(self, "experts", tuple(os.fspath(e) for e in experts))
         set_(self, "euclidean_options", get_euclidean_method(self.euclidean).resolve_options(dict(self.euclidean_options or {})))
         if self.orthogonal in (None, "none", ""):

@@ -24,7 +24,9 @@ Every merge method oftmerge offers, with its options and defaults: the so(d) met
 `oftmerge decouple --euclidean`. Options are given as `--option KEY=VALUE` (`oftmerge merge`, and
 the Euclidean method of `oftmerge decouple`) or `--orthogonal-option KEY=VALUE` (the so(d) method
 of `oftmerge decouple`); in the Python API as `method_options=`, `euclidean_options=` and
-`orthogonal_options=`. This page is generated from the
+`orthogonal_options=`. Values are checked strictly: a boolean is true/false, yes/no or 1/0 (any
+case), an integer a whole number (`1.7` is refused, not truncated), a float a finite number, each
+within the range its row states; anything else is a one-line error. This page is generated from the
 method registry (`oftmerge.methods.methods_table()`) by `scripts/gen_methods_doc.py`; do not edit
 it by hand. `oftmerge methods` prints the same list. The formulas and the decisions behind them:
 [algorithm.md](algorithm.md) (so(d) methods) and

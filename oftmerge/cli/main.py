@@ -1,7 +1,9 @@
 """The ``oftmerge`` command line: argument parsing only; everything else is the Python API.
 
-Exit codes: 0 success; 2 a bad input or a refused operation (one ``oftmerge: error:`` line on
-stderr, ``-v`` for the log); argparse's own usage errors also exit with 2.
+Exit codes (docs/cli.md, "Exit codes"; :mod:`oftmerge.cli.failures`): 0 success; 1 an internal
+error; 2 a bad input or a refused operation (argparse's own usage errors too); 3 the file system
+(no space, no permission, read-only); 4 the Hugging Face Hub; 130 interrupted. A failure prints
+one ``oftmerge: error:`` line on stderr; ``-v`` adds the log and the traceback.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 
 from oftmerge._version import __version__
-from oftmerge.errors import OftMergeError
+from oftmerge.cli.common import attach_negative_values
+from oftmerge.cli.failures import explain
 
 __all__ = ["build_parser", "main"]
 
@@ -45,14 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(attach_negative_values(sys.argv[1:] if argv is None else argv))  # --weights -1,-1
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except OftMergeError as exc:
-        print(f"oftmerge: error: {exc}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as exc:  # every failure: one line and its exit code (cli/failures.py)
+        code, message = explain(exc, getattr(args, "output", None))
+        if args.verbose:
+            traceback.print_exception(exc, file=sys.stderr)
+        print(f"oftmerge: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":  # pragma: no cover

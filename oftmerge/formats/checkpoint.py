@@ -32,6 +32,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,7 +40,7 @@ from oftmerge.errors import AdapterFormatError
 from oftmerge.formats.io import _SAFETENSORS_DTYPES, TensorFile, read_json
 from oftmerge.formats.names import NameMap, name_map
 
-__all__ = ["Checkpoint", "RawTensor", "read_safetensors_header"]
+__all__ = ["Checkpoint", "RawTensor", "missing_config_warning", "read_model_config", "read_safetensors_header"]
 
 #: Largest header safetensors itself accepts (100 MB).
 _MAX_HEADER = 100_000_000
@@ -97,6 +98,60 @@ _SINGLE = ("model.safetensors", "pytorch_model.bin")
 _INDEX = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
+def read_model_config(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``config.json`` of model directory ``path`` as a dict; None when there is none; refused when it is not a JSON object.
+
+    ``transformers`` cannot load a model whose config is not JSON, and oftmerge copies it into
+    every model it writes, so a broken one is an error here rather than an unloadable output.
+    """
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        return None
+    try:
+        return read_json(file)
+    except AdapterFormatError as exc:
+        raise AdapterFormatError(
+            f"{exc}; a model's config.json is what transformers' save_pretrained writes: restore it, or write it again "
+            "(AutoConfig.from_pretrained(...).save_pretrained(DIR))"
+        ) from None
+
+
+def missing_config_warning(ckpt: Checkpoint) -> str | None:
+    """The warning for writing a full model (fold, decouple) from a base without ``config.json``, or None when it has one.
+
+    Such a base is a plain state dict (a model of your own code, not ``transformers``'): the
+    output is one too, weights that load into that code, and ``from_pretrained`` cannot load it.
+    """
+    if ckpt.config is not None:
+        return None
+    return (
+        f"the base model {ckpt.path} has no config.json, so neither has the model written from it: transformers' from_pretrained "
+        "cannot load it (load its state dict into your own model class); for a transformers model, put the base's config.json "
+        "in the base directory (AutoConfig.from_pretrained(...).save_pretrained(DIR)) and run again"
+    )
+
+
+def _shard_name(index: Path, key: str, value: Any) -> str:
+    """Shard file ``value`` that ``index`` names for tensor ``key``, refused unless it lies inside the index's directory.
+
+    The name is checked as written (relative, no ``..``, not absolute), as ``transformers`` joins it
+    to the directory; the file itself may be a symlink, as every file of a Hub cache snapshot is.
+    """
+    if not isinstance(value, str) or not value.strip() or not Path(value).parts:
+        raise AdapterFormatError(
+            f"{index}: weight_map maps {key!r} to {value!r}; expected the name of a shard file in {index.parent} "
+            "(e.g. model-00001-of-00002.safetensors): save the model again, or fix weight_map"
+        )
+    name, parts = value, Path(value).parts
+    if os.path.isabs(name) or ".." in parts or "\\" in name or name.startswith("~"):
+        raise AdapterFormatError(
+            f"{index}: weight_map maps {key!r} to {value!r}, which is not a file name inside {index.parent}; an index names its "
+            "shards relative to its own directory (e.g. model-00001-of-00002.safetensors). Refusing to read files outside "
+            "the model directory: fix weight_map, or put the shards in the directory"
+        )
+    return name
+
+
 class Checkpoint:
     """The tensors of a model directory, by name, across shards."""
 
@@ -112,6 +167,8 @@ class Checkpoint:
         self._bin_order: dict[str, list[str]] = {}
         self._names: NameMap | None = None
         self.index_file: Path | None = None
+        #: the directory's ``config.json`` (:func:`read_model_config`), None when it has none
+        self.config: dict[str, Any] | None = read_model_config(self.path)
         for name in _INDEX:
             if (self.path / name).is_file():
                 self.index_file = self.path / name
@@ -119,7 +176,7 @@ class Checkpoint:
                 weight_map = index.get("weight_map")
                 if not isinstance(weight_map, dict):
                     raise AdapterFormatError(f"{self.path / name}: no weight_map")
-                self._where = {k: str(v) for k, v in weight_map.items()}
+                self._where = {str(k): _shard_name(self.index_file, str(k), v) for k, v in weight_map.items()}
                 break
         else:
             for name in _SINGLE:
@@ -181,23 +238,36 @@ class Checkpoint:
     def shard_of(self, key: str) -> str:
         return self._where[key]
 
+    def _file_of(self, key: str) -> TensorFile:
+        """The open shard that holds tensor ``key``; refused when the index maps it to a shard that does not hold it."""
+        if key not in self._where:
+            raise AdapterFormatError(f"{self.path}: no tensor named {key!r}")
+        tf = self._open(self._where[key])
+        if key not in tf:
+            raise self._misplaced(key)
+        return tf
+
+    def _misplaced(self, key: str) -> AdapterFormatError:
+        return AdapterFormatError(
+            f"{self.index_file or self.path}: maps tensor {key!r} to {self._where[key]}, which does not hold it; the index does "
+            "not belong to these shards (save the model again, or fix weight_map)"
+        )
+
     def shape(self, key: str) -> tuple[int, ...]:
         if key in self._bin_meta:
             return self._bin_meta[key][0]
-        return self._open(self._where[key]).shape(key)
+        return self._file_of(key).shape(key)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: self.shape(k) for k in self._where}
 
     def get(self, key: str) -> torch.Tensor:
-        if key not in self._where:
-            raise AdapterFormatError(f"{self.path}: no tensor named {key!r}")
-        return self._open(self._where[key]).get(key)
+        return self._file_of(key).get(key)
 
     def dtype(self, key: str) -> torch.dtype:
         if key in self._bin_meta:
             return self._bin_meta[key][1]
-        return self._open(self._where[key]).dtype(key)
+        return self._file_of(key).dtype(key)
 
     def raw(self, key: str) -> RawTensor | None:
         """Where tensor ``key`` lies on disk, or None when its file is not safetensors (``.bin``)."""
@@ -210,15 +280,15 @@ class Checkpoint:
             self._headers[shard] = read_safetensors_header(self.path / shard)
         start, header = self._headers[shard]
         entry = header.get(key)
-        if not isinstance(entry, dict):
-            raise AdapterFormatError(f"{self.path / shard}: no tensor named {key!r} (the index says it is there)")
+        if key == "__metadata__" or not isinstance(entry, dict):
+            raise self._misplaced(key)
         begin, end = entry["data_offsets"]
         return RawTensor(self.path / shard, start + begin, end - begin, entry["dtype"], tuple(entry["shape"]))
 
     def read(self, key: str) -> torch.Tensor:
         """Tensor ``key`` in memory of its own: read without a memory map (safetensors), or copied out of a ``.bin``'s."""
         raw = self.raw(key)
-        return self._open(self._where[key]).read(key) if raw is None else raw.read()
+        return self._file_of(key).read(key) if raw is None else raw.read()
 
     # -- model names ------------------------------------------------------------------------------
 

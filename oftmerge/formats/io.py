@@ -50,6 +50,7 @@ class TensorFile:
             raise AdapterFormatError(f"{self.path}: file not found")
         self._bin: dict[str, torch.Tensor] | None = None
         self._handle: Any = None
+        self._keyset: set[str] | None = None
         self.mapped = False  #: a ``.bin`` whose tensors are memory-mapped
         self._maps: list[tuple[int, int]] | None = None  # where it is mapped, looked up on the first read
         if self.path.suffix == ".safetensors":
@@ -84,7 +85,9 @@ class TensorFile:
         return list(self._keys)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._keys
+        if self._keyset is None:
+            self._keyset = set(self._keys)
+        return key in self._keyset
 
     def shape(self, key: str) -> tuple[int, ...]:
         if self._bin is not None:
@@ -101,7 +104,7 @@ class TensorFile:
             raise AdapterFormatError(f"{self.path}: tensor {key!r} has dtype {name}, which oftmerge does not handle") from None
 
     def get(self, key: str) -> torch.Tensor:
-        if key not in self._keys:
+        if key not in self:
             raise AdapterFormatError(f"{self.path}: no tensor named {key!r}")
         if self._bin is not None:
             return self._bin[key]

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +38,7 @@ from typing import Any, Literal
 import torch
 
 from oftmerge.errors import AdapterFormatError, IncompatibleAdaptersError, NumericalError
+from oftmerge.formats.config_values import config_bool, config_float, config_int
 from oftmerge.formats.io import TensorFile, read_json
 from oftmerge.formats.peft_oft import KEY_PREFIX
 
@@ -83,6 +84,14 @@ class LoraModule:
     fan_in_fan_out: bool = False
     magnitude_key: str | None = None  #: DoRA
     bias_key: str | None = None  #: ``lora_B.bias`` (``lora_bias=True``)
+
+
+def _patterns(config: Mapping[str, Any], key: str, where: str, check: Callable[[Mapping[str, Any], str], Any]) -> dict[str, Any]:
+    """``rank_pattern`` / ``alpha_pattern``: an object of module pattern -> value, every value checked by ``check``."""
+    table = config.get(key) or {}
+    if not isinstance(table, Mapping):
+        raise AdapterFormatError(f"{where}: {key} is {table!r}; expected an object of module pattern -> value (e.g. \"{key}\": {{}})")
+    return {str(p): check({f"{key}[{p!r}]": v}, f"{key}[{p!r}]") for p, v in table.items()}
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
@@ -245,8 +254,13 @@ def read_lora(path: str | Path) -> LoraAdapter:
         parts.setdefault(module, {})[role] = key
         if kind == "embedding":
             kinds[module] = "embedding"
-    use_rslora = bool(config.get("use_rslora", False))
-    fifo = bool(config.get("fan_in_fan_out", False))
+    where = str(cfg_path)
+    use_rslora = config_bool(config, "use_rslora", False, where=where)
+    fifo = config_bool(config, "fan_in_fan_out", False, where=where)
+    rank_pattern = _patterns(config, "rank_pattern", where, lambda table, key: config_int(table, key, 8, where=where, minimum=1))
+    alpha_pattern = _patterns(config, "alpha_pattern", where, lambda table, key: config_float(table, key, 8.0, where=where, example="16"))
+    config_int(config, "r", 8, where=where, minimum=1)
+    config_float(config, "lora_alpha", 8.0, where=where, example="16")
     modules: dict[str, LoraModule] = {}
     for name, p in sorted(parts.items()):
         if "A" not in p or "B" not in p:
@@ -254,13 +268,13 @@ def read_lora(path: str | Path) -> LoraAdapter:
         a_shape = tf.shape(p["A"])
         kind = kinds.get(name, "conv" if len(a_shape) > 2 else "linear")
         rank = a_shape[0]
-        r_cfg = int(_pattern_value(config.get("rank_pattern") or {}, name, config.get("r", rank)))
+        r_cfg = int(_pattern_value(rank_pattern, name, config_int(config, "r", rank, where=where, minimum=1)))
         if r_cfg != rank:
             raise AdapterFormatError(
                 f"{weights}: module {name!r} stores rank-{rank} factors but the config says r={r_cfg}; the config does "
                 "not belong to these weights"
             )
-        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8)))
+        alpha = float(_pattern_value(alpha_pattern, name, config_float(config, "lora_alpha", 8.0, where=where)))
         scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         if "m" in p and kind != "linear":
             raise UnsupportedLoraError(

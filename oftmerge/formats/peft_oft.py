@@ -33,10 +33,14 @@ import torch
 from packaging.version import InvalidVersion, Version
 
 from oftmerge.errors import AdapterFormatError, IncompatibleAdaptersError, NumericalError
+from oftmerge.formats.config_values import config_bool, config_float, config_int, config_path
 from oftmerge.formats.io import TensorDict, TensorFile, content_hash, read_json
 from oftmerge.linalg import RotationMap, block_size_from_packed, coft_project, skew_from_full, unpack_skew
 
-__all__ = ["RELEASES", "ModuleSpec", "OftAdapter", "adapter_from_tensors", "read_adapter", "release_family", "in_saved_module", "saved_key", "saved_tensors"]
+__all__ = [
+    "NEWEST_KNOWN", "RELEASES", "ModuleSpec", "OftAdapter", "adapter_from_tensors", "newer_than_known", "read_adapter",
+    "release_family", "in_saved_module", "saved_key", "saved_tensors",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,30 @@ def release_family(version: str) -> Release:
     if v < Version("0.18.0"):
         return "0.16"
     return "0.18"
+
+
+#: the newest PEFT minor release whose OFT checkpoints oftmerge was checked against (the ``peft`` extra allows < 0.22)
+NEWEST_KNOWN = (0, 21)
+
+
+def newer_than_known(version: str) -> bool:
+    """Whether PEFT ``version`` is a minor release after :data:`NEWEST_KNOWN` (read as 0.18+, with a warning)."""
+    try:
+        return Version(version.partition("@")[0]).release[:2] > NEWEST_KNOWN
+    except InvalidVersion:
+        return False
+
+
+def _version_note(path: Path, version: str | None) -> str | None:
+    """The warning for an adapter written by a PEFT release newer than any oftmerge knows (None otherwise)."""
+    if version is None or version in RELEASES or not newer_than_known(str(version)):
+        return None
+    known = ".".join(map(str, NEWEST_KNOWN))
+    return (
+        f"{path}: written by PEFT {version}, newer than the newest release oftmerge knows ({known}.x): it is read as "
+        "PEFT 0.18+ (packed oft_R, the 0.18 Cayley-Neumann series); if that release changed the OFT layout or series, "
+        "results are wrong: please report it (and check the result against PEFT's own merge_and_unload)"
+    )
 
 
 @dataclass(frozen=True)
@@ -121,6 +149,8 @@ class OftAdapter:
     #: non-OFT tensors PEFT saved with the adapter (``modules_to_save``, trained biases); on load they
     #: replace the base model's tensors of that name (see :func:`saved_tensors`)
     saved: Mapping[str, str] = field(default_factory=dict)
+    #: warnings about how the adapter was read (a PEFT release newer than oftmerge knows); reports carry them
+    notes: tuple[str, ...] = ()
 
     def saved_base_weight(self, name: str) -> torch.Tensor:
         """The copy of module ``name``'s base weight PEFT saved with the adapter (of :attr:`saved_base` or :attr:`base_copies`)."""
@@ -262,21 +292,36 @@ def _decide_release(
     return "0.13", "oft_r without oft_s nor oft_block_size (PEFT 0.7-0.13 layout)", None
 
 
-def _rotation_map(config: Mapping[str, Any], release: Release) -> RotationMap:
+def _rotation_map(config: Mapping[str, Any], release: Release, where: str) -> RotationMap:
     if release == "0.13" or release == "0.15":  # (== narrows the Literal for mypy; `in` does not)
         return RotationMap("exact")
-    if config.get("use_cayley_neumann", True):  # default True since 0.16 (whatever the docstring says)
-        return RotationMap("neumann", int(config.get("num_cayley_neumann_terms", 5)), release)
+    if config_bool(config, "use_cayley_neumann", True, where=where):  # default True since 0.16 (whatever the docstring says)
+        return RotationMap("neumann", config_int(config, "num_cayley_neumann_terms", 5, where=where, minimum=1), release)
     return RotationMap("exact")
 
 
+def _check_config(config: Mapping[str, Any], where: str) -> None:
+    """Refuse OFT settings of the wrong type or range before anything reads them (one line: file, key, value).
+
+    Types are checked whether or not the setting is in use; ranges where it is: ``eps > 0`` with
+    COFT, ``num_cayley_neumann_terms >= 1`` with the Cayley-Neumann series.
+    """
+    config_int(config, "r", 0, where=where, example="8")
+    config_int(config, "oft_block_size", 0, where=where, example="32")
+    config_bool(config, "block_share", False, where=where)
+    coft = config_bool(config, "coft", False, where=where)
+    config_float(config, "eps", 6e-5, where=where, positive=coft)
+    neumann = config_bool(config, "use_cayley_neumann", True, where=where)
+    config_int(config, "num_cayley_neumann_terms", 5, where=where, minimum=1 if neumann else 0)
+
+
 def _coft_radius(
-    config: Mapping[str, Any], release: Release, rows: int, block: int, features: int | None, out: int | None
+    config: Mapping[str, Any], release: Release, rows: int, block: int, features: int | None, out: int | None, where: str
 ) -> float | None:
     """The norm bound COFT enforces on each block, as each release computes it."""
-    if not config.get("coft", False):
+    if not config_bool(config, "coft", False, where=where):
         return None
-    eps = float(config.get("eps", 6e-5))
+    eps = config_float(config, "eps", 6e-5, where=where, positive=True)
     if release == "0.13":
         eps = eps * block * block  # eps * ceil(out / r)^2, and b = ceil(out / r) there
     elif release == "0.15":
@@ -389,6 +434,9 @@ def adapter_from_tensors(
 ) -> OftAdapter:
     """Build an :class:`OftAdapter` from a config dict and tensors keyed as PEFT saves them."""
     weights_path = tf.path
+    where = config_path(path)
+    _check_config(config, where)
+    _refuse_prefix_duplicates(tf.keys(), weights_path)
     found: dict[str, tuple[str, str, str]] = {}
     scales: dict[str, str] = {}
     extra: list[str] = []
@@ -422,16 +470,20 @@ def adapter_from_tensors(
         layouts.add("scale")
     if len(layouts - {"scale"}) > 1:
         raise AdapterFormatError(f"{weights_path}: mixes packed (oft_R) and full (oft_r) OFT tensors")
+    _refuse_non_float(tf, weights_path, [key for key, _, _ in found.values()] + list(scales.values()))
     release, source, recorded = _decide_release(path, config, layouts, peft_release)
+    note = _version_note(path, peft_release if peft_release is not None else recorded)
+    if note is not None:
+        log.info(note)  # a warning in the report of the command that reads it (merge, fold, inspect)
     packed = "packed" in layouts
     if packed != (release in ("0.16", "0.18")):
         raise AdapterFormatError(
             f"{weights_path}: tensor layout ({'packed oft_R' if packed else 'full oft_r'}) does not match the "
             f"release decided from {source}; fix peft_version in adapter_config.json or pass peft_release"
         )
-    rmap = _rotation_map(config, release)
+    rmap = _rotation_map(config, release, where)
     modules = {
-        name: _module_spec(tf, weights_path, config, name, key, layout, kind, release, scales.get(name), base_shapes)
+        name: _module_spec(tf, weights_path, config, name, key, layout, kind, release, scales.get(name), base_shapes, where)
         for name, (key, layout, kind) in sorted(found.items())
     }
     stray = sorted(set(scales) - set(found))
@@ -450,7 +502,37 @@ def adapter_from_tensors(
         saved_base=saved_base,
         base_copies=base_copies,
         saved=saved,
+        notes=() if note is None else (note,),
     )
+
+
+def _refuse_prefix_duplicates(keys: Sequence[str], weights_path: Path) -> None:
+    """Refuse a file that stores one tensor twice, with and without PEFT's ``base_model.model.`` prefix.
+
+    Both name the same model tensor; which of the two PEFT loads depends on its loader, so keeping
+    either one silently could merge another adapter than the one PEFT applies.
+    """
+    bare: dict[str, str] = {}
+    for key in keys:
+        name = key[len(KEY_PREFIX) :] if key.startswith(KEY_PREFIX) else key
+        if name in bare:
+            raise AdapterFormatError(
+                f"{weights_path}: stores {bare[name]!r} and {key!r}, the same tensor with and without the {KEY_PREFIX!r} "
+                "prefix, possibly with different values; remove one of them (PEFT saves keys with the prefix)"
+            )
+        bare[name] = key
+
+
+def _refuse_non_float(tf: TensorFile | TensorDict, weights_path: Path, keys: Sequence[str]) -> None:
+    """Refuse OFT tensors that are not floating point (int8, bool, ...): casting them would invent a generator."""
+    for key in keys:
+        dtype = tf.dtype(key)
+        if not dtype.is_floating_point:
+            raise AdapterFormatError(
+                f"{weights_path}: {key} is stored as {str(dtype).removeprefix('torch.')}; OFT generators are floating point "
+                "(float32, bfloat16, float16, float64). A quantised or corrupted adapter cannot be merged or folded; "
+                "re-export it from the trained model"
+            )
 
 
 def _check_base_copy(
@@ -479,9 +561,10 @@ def _module_spec(
     release: Release,
     scale_key: str | None,
     base_shapes: Mapping[str, tuple[int, ...]] | None,
+    where: str,
 ) -> ModuleSpec:
     """One module's stored layout: block size, rows, width, COFT radius; checked against the base when given."""
-    shared = bool(config.get("block_share", False))
+    shared = config_bool(config, "block_share", False, where=where)
     shape = tf.shape(key)
     where = f"{weights_path}: module {name!r} ({key}, shape {shape})"
     if layout == "packed":
@@ -500,11 +583,12 @@ def _module_spec(
         raise AdapterFormatError(f"{where}: block_share is set in the config but {rows} blocks are stored")
     out = tf.shape(scale_key)[0] if scale_key else None
     features = None if shared else rows * b
-    if shared and release == "0.13" and int(config.get("r", 0) or 0) > 0:
-        features = int(config["r"]) * b  # 0.7-0.13: r blocks of ceil(out / r), padded
+    r = config_int(config, "r", 0, where=where)
+    if shared and release == "0.13" and r > 0:
+        features = r * b  # 0.7-0.13: r blocks of ceil(out / r), padded
     if base_shapes is not None:
         features = _check_against_base(where, name, kind, release, b, rows, shared, features, base_shapes)
-    radius = _coft_radius(config, release, rows, b, features, out)
+    radius = _coft_radius(config, release, rows, b, features, out, where)
     if radius is not None and math.isnan(radius):
         raise IncompatibleAdaptersError(
             f"{where}: COFT with block_share in a PEFT 0.14-0.15 adapter needs the layer width; "

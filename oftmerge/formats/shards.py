@@ -53,7 +53,7 @@ from typing import Any, BinaryIO
 import torch
 
 from oftmerge.errors import OftMergeError
-from oftmerge.formats.checkpoint import Checkpoint, RawTensor
+from oftmerge.formats.checkpoint import Checkpoint, RawTensor, read_model_config
 
 __all__ = [
     "MAX_COPIED_FILE_BYTES",
@@ -413,14 +413,8 @@ def _first_duplicate(names: Iterable[str]) -> str | None:
 
 
 def _config(base_dir: Path) -> dict[str, Any]:
-    path = base_dir / "config.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    """The base's ``config.json`` ({} when it has none; refused when it is not a JSON object: :func:`read_model_config`)."""
+    return read_model_config(base_dir) or {}
 
 
 def _ties_embeddings(config: Mapping[str, Any]) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from oftmerge.errors import AdapterFormatError, IncompatibleAdaptersError
+from oftmerge.errors import AdapterFormatError, IncompatibleAdaptersError, NumericalError
 from oftmerge.formats.base import register_format
 from oftmerge.formats.io import read_json, write_json_atomic
 from oftmerge.formats.peft_oft import KEY_PREFIX, WEIGHT_FILES, OftAdapter, read_adapter
@@ -174,11 +174,21 @@ def pack_module(
     prefix = KEY_PREFIX + name
     if layout == "0.18":
         suffix = ".oft_embedding_R.weight" if kind == "embedding" else ".oft_R.weight"
-        return {prefix + suffix: (stored if is_packed else pack_skew(stored)).to(dtype)}
-    out = {prefix + ".oft_r": stored.to(dtype).contiguous()}
-    if layout == "0.15":
-        assert scale is not None
-        out[prefix + ".oft_s"] = scale.to(dtype)
+        out = {prefix + suffix: (stored if is_packed else pack_skew(stored)).to(dtype)}
+    else:
+        out = {prefix + ".oft_r": stored.to(dtype).contiguous()}
+        if layout == "0.15":
+            assert scale is not None
+            out[prefix + ".oft_s"] = scale.to(dtype)
+    for key, tensor in out.items():  # after the cast: a float64 result may not fit the stored dtype
+        if not bool(torch.isfinite(tensor).all()):
+            source = scale if key.endswith(".oft_s") and scale is not None else stored
+            largest = float(source.abs().max())
+            raise NumericalError(
+                f"module {name!r}: {key} does not fit {str(dtype).removeprefix('torch.')}, the dtype the adapter stores "
+                f"(largest entry {largest:.3g}, the dtype's largest {torch.finfo(dtype).max:.3g}); use a smaller --scale "
+                "(or other weights); nothing was written"
+            )
     return out
 
 

@@ -2,7 +2,8 @@
 
 :func:`push_folder` uploads a directory: one ``HfApi.create_commit`` with every file (after
 ``create_repo(..., exist_ok=True)``). ``dry_run=True`` only lists what would be uploaded
-(:class:`PushPlan`: repo id, files, sizes) and touches no network.
+(:class:`PushPlan`: repo id, files, sizes) and touches no network. A push that fails (offline,
+no network, no login, no write access) raises :class:`~oftmerge.errors.HubError`, one line.
 
 >>> plan = push_folder("folded", "me/my-model", dry_run=True)  # doctest: +SKIP
 >>> print(plan.describe())                                      # doctest: +SKIP
@@ -17,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from oftmerge._version import __version__
-from oftmerge.errors import OftMergeError
+from oftmerge.errors import HubError, OftMergeError
+from oftmerge.formats.sources import _offline
 
 __all__ = ["PushPlan", "push_folder"]
 
@@ -85,13 +87,37 @@ def push_folder(
         from huggingface_hub import CommitOperationAdd, HfApi
     except ImportError:
         raise OftMergeError("pushing needs huggingface_hub: pip install 'oftmerge[hub]'") from None
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(plan.folder / name)) for name, _ in plan.files]
-    return api.create_commit(
-        repo_id,
-        operations,
-        commit_message=commit_message or f"Upload {plan.folder.name} with oftmerge {__version__}",
-        revision=revision,
-        repo_type="model",
-    )
+    where = f"cannot push {plan.folder} to https://huggingface.co/{repo_id}"
+    if _offline():  # huggingface_hub reads HF_HUB_OFFLINE once, at import; the environment now decides
+        raise HubError(f"{where}: offline mode is on (HF_HUB_OFFLINE=1); unset HF_HUB_OFFLINE and run again with network access")
+    try:
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(plan.folder / name)) for name, _ in plan.files]
+        return api.create_commit(
+            repo_id,
+            operations,
+            commit_message=commit_message or f"Upload {plan.folder.name} with oftmerge {__version__}",
+            revision=revision,
+            repo_type="model",
+        )
+    except Exception as exc:  # offline, no network, no login, no permission: one line (HubError), not huggingface_hub's traceback
+        raise HubError(f"{where}: {_push_failure(exc)}") from exc
+
+
+def _push_failure(exc: Exception) -> str:
+    """What went wrong in a push, and what to do about it."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    name = type(exc).__name__
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if name == "OfflineModeIsEnabled":
+        return "offline mode is on (HF_HUB_OFFLINE=1); unset HF_HUB_OFFLINE and run again with network access"
+    if status == 401 or name == "LocalTokenNotFoundError":
+        return f"not logged in, or the token is not valid ({first}); run `hf auth login` or set HF_TOKEN to a token with write access"
+    if status == 403:
+        return f"no write access ({first}); use a token with write access to that namespace (HF_TOKEN, `hf auth login`)"
+    if isinstance(status, int):
+        return f"the Hub answered HTTP {status} ({first}); run again later, or check the repository id and revision"
+    from huggingface_hub import constants
+
+    return f"the Hub at {constants.ENDPOINT} could not be reached ({name}: {first}); check the network connection (and HF_ENDPOINT) and run again"

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from oftmerge.errors import NumericalError
+from oftmerge.linalg import scaled_norm
 from oftmerge.methods import MergeMethod
 from oftmerge.methods.decoupling import Decomposition, LayerReport, Settings, decompose
 from oftmerge.methods.euclidean import TensorContext
@@ -37,13 +38,29 @@ def merge_residuals(
     *,
     indices: Sequence[int],
     thresholds: Sequence[float] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, LayerReport]:
-    """``W = W0 R_m + method(residuals)``, checked finite, and the tensor's report (filled in)."""
+    """``W = W0 R_m + method(residuals)``, checked finite, and the tensor's report (filled in).
+
+    ``dtype``: the dtype the output stores; the result is returned cast to it and checked finite
+    after the cast too (a float64 weight may not fit a bfloat16 or float16 checkpoint).
+    """
     ctx = TensorContext(name, None if thresholds is None else tuple(thresholds), tuple(indices))
     merged, stats = method(dec.parts, weights, context=ctx, **options)
     out = dec.base_part + merged
     if not bool(torch.isfinite(out).all()):
-        raise NumericalError(f"tensor {name!r}: the merged weight is not finite ({method.name}); nothing was written")
-    dec.report.residual_norm = float(torch.linalg.vector_norm(merged))
+        raise NumericalError(
+            f"tensor {name!r}: the merged weight is not finite ({method.name}): the experts' weights or scale are too large; "
+            "nothing was written"
+        )
+    if dtype is not None and dtype != out.dtype:
+        cast = out.to(dtype)
+        if cast.is_floating_point() and not bool(torch.isfinite(cast).all()):
+            raise NumericalError(
+                f"tensor {name!r}: the merged weight does not fit {str(dtype).removeprefix('torch.')}, the checkpoint's dtype "
+                f"(largest entry {float(out.abs().max()):.3g}); use smaller weights or scale; nothing was written"
+            )
+        out = cast
+    dec.report.residual_norm = float(scaled_norm(merged))
     dec.report.stats = {**dec.report.stats, **{f"euclidean_{k}": v for k, v in stats.items()}}
     return out, dec.report

@@ -21,14 +21,52 @@ import math
 
 import torch
 
+from oftmerge.errors import NumericalError
 from oftmerge.formats.peft_oft import ModuleSpec, OftAdapter
+from oftmerge.linalg import RotationMap, scaled_norm
 
-__all__ = ["adapter_rotation", "all_finite", "fold_weight"]
+__all__ = ["adapter_rotation", "all_finite", "cast_checked", "fold_weight", "rotation_overflows"]
 
 
 def adapter_rotation(adapter: OftAdapter, name: str) -> torch.Tensor:
-    """The blocks ``(rows, b, b)`` of the matrix PEFT applies for module ``name`` (float64)."""
-    return adapter.rotation_map.rotation(adapter.generator(name))
+    """The blocks ``(rows, b, b)`` of the matrix PEFT applies for module ``name`` (float64).
+
+    Raises :class:`~oftmerge.errors.NumericalError` when PEFT, computing the same rotation in the
+    adapter's own precision, gets NaN or inf (:func:`rotation_overflows`): its ``merge_and_unload``
+    and forward pass give NaN there, and a finite float64 fold would hide a broken adapter.
+    """
+    q = adapter.generator(name)
+    rmap = adapter.rotation_map
+    if rotation_overflows(rmap, q, adapter.dtype(name)):
+        raise NumericalError(
+            f"{adapter.path}: module {name!r}: the rotation PEFT computes for its generator (||Q||_F = "
+            f"{float(scaled_norm(q)):.3g}, {rmap.describe()}) is not finite in {str(_peft_dtype(adapter.dtype(name))).removeprefix('torch.')}, so PEFT's own "
+            "forward pass and merge_and_unload give NaN; the adapter is broken (re-train or re-export it); nothing was written"
+        )
+    return rmap.rotation(q)
+
+
+#: (b max|Q|)^k below this cannot overflow float32's 3.4e38 in a k-th power: the check is skipped
+_SAFE_POWER = 1e30
+
+
+def _peft_dtype(stored: torch.dtype) -> torch.dtype:
+    """The dtype PEFT computes a rotation in: float64 adapters in float64, others in float32 (16-bit on CPU are cast up)."""
+    return torch.float64 if stored == torch.float64 else torch.float32
+
+
+def rotation_overflows(rmap: RotationMap, q: torch.Tensor, stored: torch.dtype) -> bool:
+    """Whether the rotation of generator blocks ``q`` (float64) is NaN or inf when computed as PEFT does, in the adapter's precision.
+
+    Only computed when a bound says it may overflow: the series' last power ``(b max|Q|)^(terms - 1)``
+    (or a square, for the exact map's solve) below 1e30 cannot reach float32's range.
+    """
+    dtype = _peft_dtype(stored)
+    largest = float(q.abs().max()) if q.numel() else 0.0
+    power = max(2, rmap.terms - 1) if rmap.kind == "neumann" else 2
+    if largest == 0.0 or power * math.log10(q.shape[-1] * largest) < math.log10(_SAFE_POWER) + (308 - 38 if dtype == torch.float64 else 0):
+        return False
+    return not all_finite(rmap.rotation(q.to(dtype)))
 
 
 #: Rows of a weight are folded in chunks of about this many bytes (in the compute dtype): small
@@ -87,6 +125,20 @@ def _fold_output_side(weight: torch.Tensor, r: torch.Tensor, spec: ModuleSpec, c
     padded[:out_f] = w
     folded = torch.einsum("kji,kjc->kic", r, padded.reshape(nb, b, -1)).reshape(nb * b, -1)[:out_f]
     return folded.reshape(shape).to(dtype)
+
+
+def cast_checked(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """``tensor.to(dtype)``, refused (:class:`~oftmerge.errors.NumericalError`) when the cast makes a float entry inf or NaN.
+
+    ``what`` names the tensor in the message (``"saved tensor 'classifier.weight'"``).
+    """
+    out = tensor.to(dtype)
+    if out.is_floating_point() and not all_finite(out):
+        raise NumericalError(
+            f"{what}: does not fit {str(dtype).removeprefix('torch.')}, the dtype of the base weight it replaces "
+            f"(largest entry {float(tensor.abs().max()):.3g}); nothing was written"
+        )
+    return out
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

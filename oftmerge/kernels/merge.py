@@ -21,6 +21,7 @@ import torch
 
 from oftmerge.errors import NumericalError
 from oftmerge.formats.peft_oft import ModuleSpec
+from oftmerge.linalg import scaled_norm, weight_unit
 from oftmerge.methods import MergeMethod
 from oftmerge.plan.merge import module_norm, to_grid
 
@@ -57,6 +58,8 @@ def merge_module(
 ) -> ModuleMerge:
     """Merge module ``name`` (see the module docstring); ``signs`` are the inputs' map signs, ``out_sign`` the output's."""
     w = torch.tensor(list(weights), dtype=torch.float64)
+    if method.normalized_weights:  # only ratios matter: a power of two keeps 1e200 weights from overflowing the sum (exact)
+        w = w / weight_unit(w)
     if packed:
         q, stats, norms = _merge_packed(generators, signs, w, method, options)
     else:
@@ -73,14 +76,20 @@ def merge_module(
             q, stats = (torch.sign(w[0]) if method.normalized_weights else w[0]) * qs[0], {}
         else:
             q, stats = method(qs, w, **options)
+    if not bool(torch.isfinite(q).all()):
+        raise NumericalError(
+            f"module {name!r}: the merged generator is not finite (method {method.name}): the inputs' generators or "
+            "weights are too large to merge in float64; nothing was written"
+        )
     if scale != 1.0:
         q = q * scale
-    if not bool(torch.isfinite(q).all()):
-        raise NumericalError(f"module {name!r}: the merged generator is not finite (method {method.name}); nothing was written")
+        if not bool(torch.isfinite(q).all()):
+            raise NumericalError(f"module {name!r}: the merged generator times scale {scale:g} is not finite; use a smaller --scale; nothing was written")
     if packed:
-        merged_norm = _SQRT2 * float(torch.linalg.vector_norm(q))
+        merged_norm = _SQRT2 * float(scaled_norm(q))
     else:
-        merged_norm = float(torch.linalg.matrix_norm(q).square().sum().sqrt()) * (math.sqrt((features or block) // block) if shared else 1.0)
+        block_norms = scaled_norm(q, (-2, -1), plain=torch.linalg.matrix_norm(q))
+        merged_norm = float(scaled_norm(block_norms, plain=block_norms.square().sum().sqrt())) * (math.sqrt((features or block) // block) if shared else 1.0)
     return ModuleMerge(q * out_sign, tuple(norms), merged_norm, stats)
 
 
@@ -93,8 +102,8 @@ def _merge_packed(
     canonical sign folded into each weight; block norms are taken in float64 too. The norms are
     of the triangles, ``||Q||_F / sqrt(2)``: a common factor every linear method cancels.
     """
-    row_norms = torch.stack([torch.linalg.vector_norm(v, dim=-1, dtype=torch.float64) for v in stored])  # (inputs, blocks)
-    norms = [_SQRT2 * float(n) for n in torch.linalg.vector_norm(row_norms, dim=-1)]
+    row_norms = torch.stack([scaled_norm(v, -1, plain=torch.linalg.vector_norm(v, dim=-1, dtype=torch.float64)) for v in stored])  # (inputs, blocks)
+    norms = [_SQRT2 * float(n) for n in scaled_norm(row_norms, -1)]
     if len(stored) == 1:  # one adapter adapts this module: keep its generator as it is
         factor = float(torch.sign(w[0])) if meth.normalized_weights else float(w[0])
         return stored[0].to(torch.float64) * (factor * signs[0]), {}, norms

@@ -18,6 +18,7 @@ from oftmerge.linalg.groups import (
     polar,
     regrid_blocks,
 )
+from oftmerge.linalg.norms import scaled_norm, weight_unit
 from oftmerge.linalg.procrustes import (
     CayleyDomainError,
     ProcrustesInfo,
@@ -51,7 +52,9 @@ __all__ = [
     "pack_skew",
     "polar",
     "regrid_blocks",
+    "scaled_norm",
     "skew_from_full",
     "special_polar",
     "unpack_skew",
+    "weight_unit",
 ]

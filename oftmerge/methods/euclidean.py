@@ -195,8 +195,10 @@ def trim_magnitudes(taus: torch.Tensor, density: float, thresholds: tuple[float,
     summary="TIES: trim to the top-density magnitudes, elect signs, disjoint mean, times scale",
     reference="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023",
     options=(
-        MethodOption("density", float, 0.2, "fraction of each task vector's entries kept by the trim (paper: 0.2)"),
-        MethodOption("trim", str, "tensor", "'tensor': top-k per tensor; 'model': one threshold per expert over the whole model (two streaming passes)"),
+        MethodOption("density", float, 0.2, "fraction of each task vector's entries kept by the trim (paper: 0.2)",
+                     minimum=0.0, maximum=1.0, exclusive_minimum=True),
+        MethodOption("trim", str, "tensor", "'tensor': top-k per tensor; 'model': one threshold per expert over the whole model (two streaming passes)",
+                     choices=("tensor", "model")),
         _SCALE,
     ),
 )
@@ -239,7 +241,7 @@ def _seed(seed: int, name: str, index: int) -> int:
     summary="DARE: drop entries with probability p, rescale by 1/(1-p) (seeded per tensor name), weighted sum, times scale",
     reference="Yu et al., Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch, ICML 2024",
     options=(
-        MethodOption("p", float, 0.5, "drop probability (the paper uses up to 0.9 on 7B models)"),
+        MethodOption("p", float, 0.5, "drop probability (the paper uses up to 0.9 on 7B models)", minimum=0.0, maximum=1.0, exclusive_maximum=True),
         MethodOption("seed", int, 0, "base seed; each (tensor name, expert) gets its own stream from it"),
         _SCALE,
     ),
@@ -274,7 +276,7 @@ def _orthogonal_factor(x: torch.Tensor) -> torch.Tensor:
     summary="TSV-M: per layer, top rank/N singular triplets of each task matrix, orthogonalised jointly, times scale",
     reference="Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025",
     options=(
-        MethodOption("fraction", float, 0.0, "share of the rank kept per expert; 0 means 1/N (the paper's choice)"),
+        MethodOption("fraction", float, 0.0, "share of the rank kept per expert; 0 means 1/N (the paper's choice)", minimum=0.0, maximum=1.0),
         _SCALE,
     ),
 )

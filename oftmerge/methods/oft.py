@@ -12,6 +12,11 @@ OrthoMerge (the default, the paper's Eq. 7-8, with weights):
 With unit weights this is ``c * S / N`` with ``c = sum_i ||Q_i|| / ||S||``.
 Norms are over the whole module (all blocks together) unless ``per_block``.
 A negative weight negates an input (``-Q`` is the inverse rotation).
+
+Overflow: weights that matter by their ratios are first divided by a power of two that brings the
+largest to ``[1, 2)`` (exact, so results are unchanged), and norms are computed scaled where the
+plain sum of squares would overflow (:mod:`oftmerge.linalg.norms`): ``weights=(1e200, 1)`` is
+``(1, 1e-200)``, not an identity.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 
 import torch
 
-from oftmerge.linalg import cayley, inverse_cayley, karcher_mean, polar
+from oftmerge.linalg import cayley, inverse_cayley, karcher_mean, polar, scaled_norm, weight_unit
 from oftmerge.methods.registry import MethodOption, merge_method, weighted_sum
 
 log = logging.getLogger(__name__)
@@ -31,16 +36,35 @@ CANCEL_TOL = 1e-4
 
 
 def _module_norms(block_norms: torch.Tensor, per_block: bool) -> torch.Tensor:
-    """``(N, blocks)`` block norms -> per block, or over the whole module ``(N,)``."""
-    return block_norms if per_block else block_norms.square().sum(-1).sqrt()
+    """``(N, blocks)`` block norms -> per block, or over the whole module ``(N,)`` (overflow-safe)."""
+    return block_norms if per_block else scaled_norm(block_norms, -1, plain=block_norms.square().sum(-1).sqrt())
+
+
+def _block_norms(qs: torch.Tensor) -> torch.Tensor:
+    """``||Q||_F`` of each block ``(..., b, b)``, without overflow for entries beyond 1e154."""
+    return scaled_norm(qs, (-2, -1), plain=torch.linalg.matrix_norm(qs))
+
+
+def _unit_weights(weights: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``weights`` and ``tensors`` divided by :func:`~oftmerge.linalg.weight_unit` of the weights (exact: a power of two).
+
+    Methods whose weights matter only by their ratios give the same bits with or without it;
+    weights such as ``1e200`` then no longer overflow the sums and norms (``||S||`` would be inf,
+    and the merged generator silently zero).
+    """
+    unit = weight_unit(weights)
+    if unit == 1.0:
+        return (weights, *tensors)
+    return (weights / unit, *(t / unit for t in tensors))
 
 
 def _orthomerge_from_sum(
     s: torch.Tensor, block_norms: torch.Tensor, weights: torch.Tensor, *, per_block: bool = False, cancel_tol: float = CANCEL_TOL
 ) -> tuple[torch.Tensor, dict[str, Any]]:
+    weights, s = _unit_weights(weights, s)
     wabs = weights.to(s.dtype).abs()
     norms = _module_norms(block_norms, per_block)  # (N,) or (N, blocks)
-    s_norm = _module_norms(torch.linalg.matrix_norm(s).unsqueeze(0), per_block)[0]
+    s_norm = _module_norms(_block_norms(s).unsqueeze(0), per_block)[0]
     wn = (wabs.view((-1,) + (1,) * (norms.dim() - 1)) * norms).sum(0)  # sum |w_i| ||Q_i||
     target = wn / wabs.sum()
     zero = wn == 0
@@ -63,18 +87,20 @@ def _orthomerge_from_sum(
     reference="OrthoMerge (ICML 2026), Eq. 7-8",
     options=(
         MethodOption("per_block", bool, False, "take norms per block instead of over the whole module"),
-        MethodOption("cancel_tol", float, CANCEL_TOL, "||S|| / sum|w|·||Q|| below this: directions cancel"),
+        MethodOption("cancel_tol", float, CANCEL_TOL, "||S|| / sum|w|·||Q|| below this: directions cancel", minimum=0.0, maximum=1.0),
     ),
     from_sum=_orthomerge_from_sum,
 )
 def orthomerge(
     qs: torch.Tensor, weights: torch.Tensor, *, per_block: bool = False, cancel_tol: float = CANCEL_TOL
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    return _orthomerge_from_sum(weighted_sum(qs, weights), torch.linalg.matrix_norm(qs), weights,
+    (weights,) = _unit_weights(weights)
+    return _orthomerge_from_sum(weighted_sum(qs, weights), _block_norms(qs), weights,
                                 per_block=per_block, cancel_tol=cancel_tol)  # fmt: skip
 
 
 def _mean_q_from_sum(s: torch.Tensor, block_norms: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    weights, s = _unit_weights(weights, s)
     return s / weights.to(s.dtype).abs().sum(), {}
 
 
@@ -85,7 +111,8 @@ def _mean_q_from_sum(s: torch.Tensor, block_norms: torch.Tensor, weights: torch.
     from_sum=_mean_q_from_sum,
 )
 def mean_q(qs: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-    return _mean_q_from_sum(weighted_sum(qs, weights), torch.linalg.matrix_norm(qs), weights)
+    (weights,) = _unit_weights(weights)
+    return _mean_q_from_sum(weighted_sum(qs, weights), _block_norms(qs), weights)
 
 
 def _signed_rotations(qs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -101,6 +128,7 @@ def _signed_rotations(qs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 )
 def mean_r(qs: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
     rs = _signed_rotations(qs, weights)
+    (weights,) = _unit_weights(weights)
     w = weights.abs().to(qs.dtype).view(-1, 1, 1, 1)
     r = polar((w * rs).sum(0) / w.sum())
     return inverse_cayley(r), {}
@@ -129,5 +157,6 @@ def sequential(qs: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, d
 )
 def karcher(qs: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
     rs = _signed_rotations(qs, weights)
+    (weights,) = _unit_weights(weights)
     r = karcher_mean(rs, weights.abs().to(qs.dtype))
     return inverse_cayley(r), {}

@@ -15,6 +15,7 @@ accumulate ``S`` instead of stacking ``N`` copies; the stacked call gives the sa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,12 +54,106 @@ def weighted_sum(qs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return s
 
 
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+
+
 @dataclass(frozen=True)
 class MethodOption:
+    """One option of a merge method: its type, default, help, and the values it accepts.
+
+    Values are coerced strictly (:meth:`coerce`): a ``bool`` from ``True``/``False`` or the strings
+    true/false/yes/no/1/0 (any case); an ``int`` from an integral number or numeral (``1.0`` yes,
+    ``1.7`` no); a ``float`` from a finite number or numeral; a ``str`` from a string among
+    ``choices`` when given. Numbers must lie within ``minimum``/``maximum`` (inclusive unless
+    ``exclusive_minimum``/``exclusive_maximum``).
+
+    >>> MethodOption("per_block", bool, False, "").coerce("No")
+    False
+    >>> MethodOption("tol", float, 1e-4, "", minimum=0.0, maximum=1.0).describe_range()
+    'in [0, 1]'
+    """
+
     name: str
     type: type
     default: Any
     help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    exclusive_maximum: bool = False
+    choices: tuple[str, ...] | None = None
+
+    def describe_range(self) -> str:
+        """What the option accepts beyond its type, for messages and the docs ('' when any value of the type)."""
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        lo, hi = self.minimum, self.maximum
+        if lo is not None and hi is not None:
+            return f"in {'(' if self.exclusive_minimum else '['}{lo:g}, {hi:g}{')' if self.exclusive_maximum else ']'}"
+        if lo is not None:
+            return f"{'>' if self.exclusive_minimum else '>='} {lo:g}"
+        if hi is not None:
+            return f"{'<' if self.exclusive_maximum else '<='} {hi:g}"
+        return ""
+
+    def coerce(self, value: Any, method: str = "") -> Any:
+        """``value`` as this option's type, checked against its range; :class:`OftMergeError` (one line) otherwise."""
+        where = f"option {self.name!r}" + (f" of method {method!r}" if method else "")
+        got = self._convert(value)
+        if got is None:
+            expects = {bool: "true/false (or yes/no, 1/0)", int: "a whole number", float: "a finite number"}.get(self.type, self.type.__name__)
+            raise OftMergeError(f"{where} expects {self.type.__name__}, got {value!r} (give {expects})")
+        if self.choices is not None and got not in self.choices:
+            raise OftMergeError(f"{where} must be {self.describe_range()}, got {value!r}")
+        if self.type in (int, float):
+            lo, hi = self.minimum, self.maximum
+            below = lo is not None and (got <= lo if self.exclusive_minimum else got < lo)
+            above = hi is not None and (got >= hi if self.exclusive_maximum else got > hi)
+            if below or above:
+                raise OftMergeError(f"{where} must be {self.describe_range()}, got {value!r}")
+        return got
+
+    def _convert(self, value: Any) -> Any:
+        """The value as ``self.type``, or None when it is not one (no silent truncation, no truthiness)."""
+        text = value.strip() if isinstance(value, str) else None
+        if self.type is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            if text is not None and text.lower() in _TRUE + _FALSE:
+                return text.lower() in _TRUE
+            return None
+        if isinstance(value, bool):  # True is an int to Python, not to a user
+            return None
+        if self.type is int:
+            if isinstance(value, int):
+                return value
+            number: float | None = None
+            if isinstance(value, float):
+                number = value
+            elif text is not None:
+                try:
+                    return int(text)
+                except ValueError:
+                    try:
+                        number = float(text)
+                    except ValueError:
+                        return None
+            return int(number) if number is not None and math.isfinite(number) and number.is_integer() else None
+        if self.type is float:
+            try:
+                number = float(text if text is not None else value) if isinstance(value, (int, float, str)) else None
+            except (ValueError, OverflowError):
+                return None
+            return number if number is not None and math.isfinite(number) else None
+        if self.type is str:
+            return value if isinstance(value, str) else None
+        try:
+            return self.type(value)
+        except (TypeError, ValueError, OverflowError):
+            return None
 
 
 @dataclass(frozen=True)
@@ -85,10 +180,7 @@ class MergeMethod:
                 known = ", ".join(sorted(opts)) or "none"
                 raise OftMergeError(f"method {self.name!r} has no option {key!r} (its options: {known})")
             opt = next(o for o in self.options if o.name == key)
-            try:
-                opts[key] = opt.type(value)
-            except (TypeError, ValueError):
-                raise OftMergeError(f"option {key!r} of method {self.name!r} expects {opt.type.__name__}, got {value!r}") from None
+            opts[key] = opt.coerce(value, self.name)
         return opts
 
     def __call__(self, qs: torch.Tensor, weights: torch.Tensor, **options: Any) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -173,7 +265,8 @@ def describe_methods() -> str:
             lines.append(f"  {m.name:<12} {m.summary}")
             lines.append(f"  {'':<12} reference: {m.reference}")
             for o in m.options:
-                lines.append(f"  {'':<12} --option {o.name}=<{o.type.__name__}> (default {o.default}): {o.help}")
+                accepts = f" ({o.describe_range()})" if o.describe_range() else ""
+                lines.append(f"  {'':<12} --option {o.name}=<{o.type.__name__}> (default {o.default}): {o.help}{accepts}")
         lines.append("")
     return "\n".join(lines)
 
@@ -186,6 +279,8 @@ def methods_table() -> str:
     lines = ["| kind | method | what it does | options (default) | reference |", "|---|---|---|---|---|"]
     for registry in REGISTRIES:
         for m in registry.all().values():
-            opts = "<br>".join(f"`{o.name}` ({o.default}): {cell(o.help)}" for o in m.options) or "—"
+            opts = "<br>".join(
+                f"`{o.name}` ({o.default}): {cell(o.help)}" + (f"; {cell(o.describe_range())}" if o.describe_range() else "") for o in m.options
+            ) or "—"
             lines.append(f"| {registry.kind} | `{m.name}` | {cell(m.summary)} | {opts} | {cell(m.reference)} |")
     return "\n".join(lines) + "\n"

@@ -44,6 +44,7 @@ from oftmerge.engine.distributed import Group, is_main, process_group
 from oftmerge.engine.model import write_model
 from oftmerge.engine.threads import torch_threads
 from oftmerge.errors import OftMergeError
+from oftmerge.formats.checkpoint import missing_config_warning
 from oftmerge.formats.sources import describe_record
 from oftmerge.integrations.cards import decoupled_model_card
 from oftmerge.kernels.decouple import decouple_weight, merge_residuals
@@ -243,7 +244,8 @@ def decouple_merge(
         config = base
     else:
         config = DecoupleConfig(
-            os.fspath(base), tuple(os.fspath(e) for e in experts), euclidean=euclidean, orthogonal=orthogonal, target=target,
+            base, experts,  # type: ignore[arg-type]  # the config checks and normalises both (one-line errors)
+            euclidean=euclidean, orthogonal=orthogonal, target=target,
             procrustes=procrustes, weights=None if weights is None else tuple(weights),
             euclidean_options=dict(euclidean_options or {}), orthogonal_options=dict(orthogonal_options or {}), anchor=anchor,
             cayley_margin=cayley_margin, max_rotation=max_rotation, on_domain_error=on_domain_error,
@@ -261,11 +263,13 @@ def run_decouple(config: DecoupleConfig, run: RunOptions, out_dir: str | os.Path
     plan = plan_decouple(config)
     result = DecoupleResult(plan.settings, str(plan.base), list(plan.experts), list(plan.weights), dict(plan.tensors), dry_run=run.dry_run,
                             base_hub=dict(plan.base_hub) if plan.base_hub else None)  # fmt: skip
+    if (no_config := missing_config_warning(plan.checkpoint)) is not None:
+        result.warnings.append(no_config)
     if run.dry_run:
         return result
     assert out_dir is not None
-    inputs = [("expert", str(e.path)) for e in plan.experts]
-    check_output(out_dir, [("the base model", str(plan.base)), *inputs])  # before the model-wide pass, if any
+    inputs = plan.inputs
+    check_output(out_dir, inputs)  # before the model-wide pass, if any
     group = process_group()  # several processes (accelerate launch): each merges and writes its share of the shards
     euclid = get_euclidean_method(plan.settings.euclidean)
     e_opts = dict(plan.settings.euclidean_options)
@@ -282,7 +286,7 @@ def run_decouple(config: DecoupleConfig, run: RunOptions, out_dir: str | os.Path
         dec, idx = got
         wt = torch.tensor([plan.weights[i] for i in idx], dtype=torch.float64)
         limits = None if thresholds is None else [thresholds[i] for i in idx]
-        out, result.layers[name] = merge_residuals(name, dec, wt, euclid, e_opts, indices=idx, thresholds=limits)
+        out, result.layers[name] = merge_residuals(name, dec, wt, euclid, e_opts, indices=idx, thresholds=limits, dtype=tensor.dtype)
         out = out.T if name in plan.transposed else out
         return out.to(tensor.dtype).contiguous()
 

@@ -42,12 +42,12 @@ from oftmerge.config import FoldConfig, RunOptions
 from oftmerge.engine.distributed import is_main
 from oftmerge.engine.model import write_model
 from oftmerge.engine.threads import torch_threads
-from oftmerge.errors import NumericalError, OftMergeError
+from oftmerge.errors import HubError, NumericalError, OftMergeError
 from oftmerge.formats.peft_oft import OftAdapter
 from oftmerge.formats.sources import ResolvedSource, describe_record
 from oftmerge.integrations.cards import folded_model_card
 from oftmerge.integrations.hub import push_folder
-from oftmerge.kernels.fold import adapter_rotation, all_finite, fold_weight
+from oftmerge.kernels.fold import adapter_rotation, all_finite, cast_checked, fold_weight
 from oftmerge.plan.fold import FoldPlan, fold_base, head_dtype, plan_fold
 from oftmerge.provenance import library_versions
 
@@ -202,7 +202,13 @@ def run_fold(config: FoldConfig, run: RunOptions, out_dir: str | os.PathLike[str
     if hasattr(config.adapter, "saved_to"):  # a MergeResult
         config.adapter.saved_to = result.out_dir
     if config.push_to_hub and is_main():
-        result.pushed = push_folder(result.out_dir, config.push_to_hub, private=config.private)
+        try:
+            result.pushed = push_folder(result.out_dir, config.push_to_hub, private=config.private)
+        except OftMergeError as exc:  # the fold is done: keep it, and say how to push it later
+            raise HubError(
+                f"the folded model is complete in {result.out_dir}, but it was not pushed: {exc}; push it later with "
+                f"`oftmerge push {result.out_dir} {config.push_to_hub}" + (" --private`" if config.private else "`")
+            ) from exc
     return result
 
 
@@ -216,7 +222,7 @@ def _resized(plan: FoldPlan) -> dict[str, torch.Tensor]:
     """The head tensors written with their own shape (another number of labels, or a head the base lacks)."""
     read = plan.adapter
     return {
-        key: read.saved_tensor(name).to(head_dtype(read, plan.checkpoint, plan.saved, name))
+        key: cast_checked(read.saved_tensor(name), head_dtype(read, plan.checkpoint, plan.saved, name), f"saved tensor {name!r}")
         for name, key in plan.saved.items() if key in plan.resized
     }  # fmt: skip
 
@@ -229,10 +235,13 @@ def _folder(plan: FoldPlan, by_key: dict[str, str], run: RunOptions) -> Callable
     def fold_one(key: str, weight: torch.Tensor) -> torch.Tensor:
         name = by_key[key]
         if name not in read.modules:  # a saved head or bias replaces the base's, cast as PEFT's load does
-            return read.saved_tensor(name).to(weight.dtype)
+            return cast_checked(read.saved_tensor(name), weight.dtype, f"saved tensor {name!r}")
         folded = fold_weight(weight, adapter_rotation(read, name), read.modules[name], scale=read.scale(name))
         if not all_finite(folded):
-            raise NumericalError(f"module {name!r}: the folded weight {key} is not finite; nothing was written")
+            raise NumericalError(
+                f"module {name!r}: the folded weight {key} is not finite in {str(weight.dtype).removeprefix('torch.')}, the base "
+                "weight's dtype (the rotation or the base weight is too large for it); nothing was written"
+            )
         done[0] += 1
         if run.progress is not None:
             run.progress(done[0], len(plan.modules), name)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from oftmerge.formats.base import read_oft_adapter
 from oftmerge.formats.checkpoint import Checkpoint
 from oftmerge.formats.peft_oft import OftAdapter
 from oftmerge.formats.sources import describe_record, resolve_source, source_record
+from oftmerge.kernels.fold import rotation_overflows
 from oftmerge.linalg import orthogonality_error
 from oftmerge.ops.merge import merge_adapters, quiet_merge_log
 from oftmerge.plan.fold import head_updates, saved_keys
@@ -50,6 +51,8 @@ def _module_report(adapter: OftAdapter, name: str, width: int | None) -> dict[st
     total = module_norm(q, spec, width)
     applied = adapter.rotation_map.rotation(q)
     ortho = orthogonality_error(applied)
+    if rotation_overflows(adapter.rotation_map, q, adapter.dtype(name)):  # PEFT computes it in float32: NaN there
+        ortho = torch.full_like(ortho, math.nan)
     report = {
         "name": name,
         "kind": spec.kind,
@@ -65,6 +68,23 @@ def _module_report(adapter: OftAdapter, name: str, width: int | None) -> dict[st
         ideal = adapter.rotation_map.ideal_rotation(q)
         report["series_error"] = float(torch.linalg.matrix_norm(applied - ideal).max())
     return report
+
+
+def _worst(values: Iterable[float]) -> float:
+    """The largest value; NaN when any is NaN (``max`` would depend on the order)."""
+    vals = list(values)
+    return math.nan if any(math.isnan(v) for v in vals) else max(vals)
+
+
+def _broken(modules: Sequence[dict[str, Any]]) -> list[str]:
+    """A warning for the modules whose applied rotation is not finite (``--json`` shows their error as null)."""
+    bad = [m["name"] for m in modules if not math.isfinite(m["ortho_error"])]
+    if not bad:
+        return []
+    return [
+        f"{len(bad)} module(s) whose rotation, as PEFT computes it, is not finite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): "
+        "PEFT's outputs are NaN there; the adapter is broken, and merge and fold refuse it"
+    ]
 
 
 def _saved_report(a: OftAdapter, ckpt: Checkpoint | None) -> list[dict[str, Any]]:
@@ -145,7 +165,8 @@ def inspect_adapters(
                 "modules": modules,
                 "saved": _saved_report(a, ckpt),
                 "q_norm": _block_stats(torch.tensor([m["q_norm"] for m in modules], dtype=torch.float64)),
-                "ortho_error_max": max(m["ortho_error"] for m in modules),
+                "ortho_error_max": _worst(m["ortho_error"] for m in modules),
+                "warnings": [*a.notes, *_broken(modules)],
             }
         )
     if len(read) > 1:
@@ -208,6 +229,8 @@ def render_report(report: dict[str, Any], *, max_modules: int = 20) -> str:
                 lines.append(f"    {t['name'][-46:]:<46} {str(t['shape']):>14} {t['dtype']}{renamed}")
             if len(a["saved"]) > max_modules:
                 lines.append(f"    ... {len(a['saved']) - max_modules} more saved tensors")
+        for w in a.get("warnings", []):
+            lines.append(f"    warning: {w}")
     if "pairs" in report:
         lines.append("cosine between generators (per shared module):")
         for p in report["pairs"]:

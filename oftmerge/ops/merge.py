@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 from oftmerge.config import MergeConfig, RunOptions
 from oftmerge.engine.distributed import Group, is_main, process_group
 from oftmerge.engine.threads import OneThread, Prefetch, torch_threads
-from oftmerge.errors import IncompatibleAdaptersError
+from oftmerge.errors import IncompatibleAdaptersError, NumericalError
 from oftmerge.formats.peft_oft import OftAdapter, saved_key
 from oftmerge.formats.sources import source_record
 from oftmerge.formats.writer import pack_module
@@ -158,6 +159,7 @@ def run_merge(config: MergeConfig, run: RunOptions, out_dir: str | os.PathLike[s
         saved={s.name: s.describe([str(a.path) for a in plan.adapters]) for s in plan.saved},
         # the base, unless it is a local directory the user gave (the record of such a merge is as it was)
         base=plan.base.record() if plan.base is not None and (plan.base.defaulted or plan.base.source.is_hub) else None,
+        protected=plan.inputs,
     )
     result.plan = plan.grid()
     if run.dry_run:
@@ -215,7 +217,7 @@ def _execute(plan: MergePlan, run: RunOptions, result: MergeResult) -> tuple[lis
                 cancelled.append(p.name)
             # the rotation PEFT will apply, checked in the checker thread while the next module merges
             radius = p.entries[0][1].coft_radius if plan.coft_eps is not None else None  # PEFT projects the output too
-            checks.submit(p.name, rmap, merged.stored, is_packed, radius)
+            checks.submit(p.name, rmap, merged.stored, is_packed, radius, wide=plan.out_dtype == torch.float64)
             reports[p.name] = dict(
                 name=p.name,
                 inputs=tuple(i for i, _ in p.entries),
@@ -235,6 +237,9 @@ def _execute(plan: MergePlan, run: RunOptions, result: MergeResult) -> tuple[lis
             if run.progress is not None:
                 run.progress(done, len(plan.modules), p.name)
         for name, ortho in checks.results():
+            if not math.isfinite(ortho):
+                alone = [str(read[i].path) for i in reports[name]["inputs"]] if len(reports[name]["inputs"]) == 1 else None
+                raise _non_finite_rotation(name, rmap, reports[name]["merged_norm"], alone[0] if alone else None)
             result.modules[name] = ModuleReport(**reports[name], ortho_error=ortho)
             if rmap.kind == "neumann" and ortho > NEUMANN_ORTHO_WARN:
                 non_orthogonal.append((name, ortho))
@@ -290,6 +295,24 @@ def _summarise(plan: MergePlan, result: MergeResult, cancelled: list[str], non_o
             log.warning(w)
 
 
+def _non_finite_rotation(name: str, rmap: RotationMap, merged_norm: float, only_input: str | None) -> NumericalError:
+    """The error for a merged module whose rotation (as PEFT computes it) is NaN or infinite.
+
+    ``only_input``: the adapter, when only one input adapts the module (its generator is kept as it is).
+    """
+    if only_input is not None:
+        advice = f"its only input, {only_input}, already has a generator this large (the adapter is broken: re-train or re-export it)"
+        advice += ", or use a smaller --scale" if rmap.kind == "exact" else ", or use a smaller --scale or --cayley exact"
+    elif rmap.kind == "neumann":
+        advice = "use a smaller --scale (or weights), or --cayley exact (a true rotation for any generator)"
+    else:
+        advice = "use a smaller --scale (or weights); the generator is too large for float32 arithmetic"
+    return NumericalError(
+        f"module {name!r}: the rotation PEFT would apply ({rmap.describe()}) to the merged generator "
+        f"(||Q||_F = {merged_norm:.3g}) is not finite, so the adapter would give NaN outputs; {advice}; nothing was written"
+    )
+
+
 class _Checks(OneThread):
     """``||R^T R - I||_F`` (worst block, float32) of each merged module's rotation, in a thread of its own.
 
@@ -302,15 +325,25 @@ class _Checks(OneThread):
         super().__init__("oftmerge-check")
 
     @staticmethod
-    def _check(rmap: RotationMap, stored: torch.Tensor, is_packed: bool, coft_radius: float | None) -> float:
+    def _check(rmap: RotationMap, stored: torch.Tensor, is_packed: bool, coft_radius: float | None, wide: bool = False) -> float:
+        """The worst block's error; NaN or inf when the rotation is not finite (the caller refuses it).
+
+        ``wide``: the output stores float64, so a rotation that overflows float32 is computed again in float64.
+        """
         blocks_f32 = unpack_skew(stored.float()) if is_packed else stored.float()
         if coft_radius is not None:
             blocks_f32 = coft_project(blocks_f32, coft_radius)
         # a check against a 1e-2 threshold: float32 suffices
-        return float(orthogonality_error(rmap.rotation(blocks_f32)).max())
+        error = float(orthogonality_error(rmap.rotation(blocks_f32)).max())
+        if not math.isfinite(error) and wide:
+            blocks = unpack_skew(stored) if is_packed else stored
+            error = float(orthogonality_error(rmap.rotation(blocks if coft_radius is None else coft_project(blocks, coft_radius))).max())
+        return error
 
-    def submit(self, name: str, rmap: RotationMap, stored: torch.Tensor, is_packed: bool, coft_radius: float | None = None) -> None:
-        self._pending.append((name, self._pool.submit(self._check, rmap, stored, is_packed, coft_radius)))
+    def submit(
+        self, name: str, rmap: RotationMap, stored: torch.Tensor, is_packed: bool, coft_radius: float | None = None, *, wide: bool = False
+    ) -> None:
+        self._pending.append((name, self._pool.submit(self._check, rmap, stored, is_packed, coft_radius, wide)))
 
     def results(self) -> list[tuple[str, float]]:
         return [(name, future.result()) for name, future in self._pending]

@@ -88,6 +88,8 @@ class MergeResult:
     #: the base the shapes were checked against (:meth:`oftmerge.plan.merge.MergeBase.record`) when it was taken from
     #: the adapters' configs or is a Hub repo; None without a base, or for a local directory given as the base
     base: dict[str, Any] | None = None
+    #: what an output must not replace besides the input adapters (``(role, path)``: the base), from the plan
+    protected: tuple[tuple[str, str], ...] = ()
 
     @property
     def release(self) -> str:
@@ -122,7 +124,7 @@ class MergeResult:
         prov = self.provenance()
         prov["modules"] = {n: r.to_dict() for n, r in self.modules.items()}
         extra = {"oftmerge.json": (json.dumps(prov, indent=2, sort_keys=True) + "\n").encode(), "README.md": adapter_card(self).encode()}
-        inputs = [("input adapter", info.path) for info in self.inputs]
+        inputs = [*self.protected, *(("input adapter", info.path) for info in self.inputs)]
         self.saved_to = write_adapter(path, PEFT_OFT, self.tensors, self.config, extra_files=extra, overwrite=overwrite, inputs=inputs)
         return self.saved_to
 

@@ -131,6 +131,11 @@ class DecouplePlan:
     transposed: frozenset[str]  #: tensors LoRA stores transposed (``fan_in_fan_out``)
     base_hub: Mapping[str, Any] | None = None  #: for a Hub base: ``repo_id``, ``revision`` asked for, ``commit``
 
+    @property
+    def inputs(self) -> tuple[tuple[str, str], ...]:
+        """What the output must not replace (``(role, path)``): the base and every expert (LoRA adapter or full model)."""
+        return (("the base model", str(self.base)), *(("expert", str(e.path)) for e in self.experts))
+
     def cost(self, name: str, shape: tuple[int, ...]) -> float:
         """Rough work of one tensor, to balance processes: its entries, and for a decoupled one its solves."""
         numel = math.prod(shape)

@@ -7,7 +7,6 @@ returns a frozen :class:`FoldPlan`; nothing is folded or written. :mod:`oftmerge
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -17,7 +16,7 @@ from typing import Any
 
 from oftmerge.errors import AdapterFormatError, IncompatibleAdaptersError, OftMergeError
 from oftmerge.formats.base import read_oft_adapter
-from oftmerge.formats.checkpoint import Checkpoint
+from oftmerge.formats.checkpoint import Checkpoint, missing_config_warning
 from oftmerge.formats.io import sha256_file
 from oftmerge.formats.peft_oft import RELEASES, OftAdapter, in_saved_module
 from oftmerge.formats.shards import TensorInfo, plan_model, tie_groups, tied_embeddings, tied_shapes
@@ -66,7 +65,9 @@ def plan_fold(config: Any, shard_size: int | str = "5GB", *, dry_run: bool = Fal
     modules = {name: base_key(name, ckpt) for name in read.modules}
     saved = saved_keys(read, ckpt)
     resized, head_config = head_updates(read, ckpt, saved)
-    warnings: list[str] = []
+    warnings: list[str] = list(read.notes)  # how the adapter was read (a PEFT release newer than oftmerge knows)
+    if (no_config := missing_config_warning(ckpt)) is not None:
+        warnings.append(no_config)
     if resized:
         warnings.append(
             f"the adapter's head ({', '.join(sorted(resized))}) does not fit the base's ({len(head_config['id2label'])} labels "
@@ -347,9 +348,7 @@ def _labels_for(base: Path, task: str, shapes: Mapping[str, tuple[int, ...]]) ->
 
 def _describe_base(base: Path, ckpt: Checkpoint, hash_base: bool, hub: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Name and identity of the base: a fingerprint of its tensor headers, and with ``hash_base`` the files' SHA-256."""
-    config = {}
-    if (base / "config.json").is_file():
-        config = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    config = ckpt.config or {}
     fp = hashlib.sha256()
     for key in ckpt.keys_in_file_order():
         fp.update(f"{key}|{ckpt.dtype(key)}|{list(ckpt.shape(key))}\n".encode())

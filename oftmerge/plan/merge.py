@@ -21,11 +21,12 @@ from typing import Any
 import torch
 
 from oftmerge.errors import IncompatibleAdaptersError, OftMergeError
+from oftmerge.formats.config_values import config_bool, config_float, config_int, config_path
 from oftmerge.formats.io import sha256_file
 from oftmerge.formats.peft_oft import RELEASES, ModuleSpec, OftAdapter, in_saved_module
 from oftmerge.formats.sources import ResolvedSource, configured_base, describe_source, resolve_source, source_record
 from oftmerge.formats.writer import CURRENT_CONFIG_TEMPLATE, BlockConfig, choose_block_config
-from oftmerge.linalg import RotationMap, regrid_blocks
+from oftmerge.linalg import RotationMap, regrid_blocks, scaled_norm, weight_unit
 from oftmerge.methods import MergeMethod, get_method
 from oftmerge.plan.saved import SavedPlan, plan_saved
 from oftmerge.provenance import peft_version
@@ -60,13 +61,18 @@ def resolve_rotation_map(maps: Sequence[RotationMap], choice: str, layout: str) 
     unique = list(dict.fromkeys(maps))
     if choice == "exact":
         return RotationMap("exact"), notes
-    if choice.startswith("neumann"):
+    if choice == "neumann" or choice.startswith("neumann:"):
         _, _, n = choice.partition(":")
-        if n:
+        if choice != "neumann":
             try:
                 terms = int(n)
             except ValueError:
-                raise OftMergeError(f"cayley={choice!r}: expected neumann:N with an integer N") from None
+                raise OftMergeError(f"cayley={choice!r}: expected neumann:N with an integer N >= 1, e.g. neumann:5") from None
+            if terms < 1:
+                raise OftMergeError(
+                    f"cayley={choice!r}: the Cayley-Neumann series needs N >= 1 terms (PEFT's default is 5), e.g. neumann:5; "
+                    "or cayley='exact' for the exact Cayley map"
+                )
         else:
             terms_in = {m.terms for m in unique if m.kind == "neumann"}
             terms = terms_in.pop() if len(terms_in) == 1 else 5
@@ -158,8 +164,11 @@ def output_layout(adapters: Sequence[OftAdapter]) -> str:
 def block_config(
     adapters: Sequence[OftAdapter], plans: Sequence[ModulePlan], layout: str
 ) -> tuple[BlockConfig, bool]:
-    shared = all(bool(a.config.get("block_share", False)) for a in adapters)
-    configs = {(int(a.config.get("r", 0) or 0), int(a.config.get("oft_block_size", 0) or 0)) for a in adapters}
+    shared = all(config_bool(a.config, "block_share", False, where=config_path(a.path)) for a in adapters)
+    configs = {
+        (config_int(a.config, "r", 0, where=config_path(a.path)), config_int(a.config, "oft_block_size", 0, where=config_path(a.path)))
+        for a in adapters
+    }
     if layout == "0.13":
         for p in plans:
             if len({(s.block_size, s.rows) for _, s in p.entries}) > 1:
@@ -300,7 +309,8 @@ def module_norm(q: torch.Tensor, spec: ModuleSpec, features: int | None = None) 
     ``features`` (the layer width) is needed for shared blocks when the adapter does not know it;
     without it the norm of the stored block is returned.
     """
-    norm = float(torch.linalg.matrix_norm(q).square().sum().sqrt())
+    blocks = scaled_norm(q, (-2, -1), plain=torch.linalg.matrix_norm(q))  # no overflow for entries beyond 1e154
+    norm = float(scaled_norm(blocks, plain=blocks.square().sum().sqrt()))
     width = spec.features or features
     return norm * math.sqrt(width // spec.block_size) if spec.shared and width else norm
 
@@ -308,14 +318,16 @@ def module_norm(q: torch.Tensor, spec: ModuleSpec, features: int | None = None) 
 def merged_scale(read: Sequence[OftAdapter], p: ModulePlan, weights: Sequence[float]) -> torch.Tensor:
     """PEFT 0.14-0.15's ``oft_s``: the |weight|-weighted mean of the inputs' scales (ones where absent)."""
     total, acc = 0.0, None
+    unit = weight_unit(torch.tensor([weights[i] for i, _ in p.entries], dtype=torch.float64))  # exact; no overflow for 1e200
     for i, spec in p.entries:
         s = read[i].scale(p.name)
         if s is None:
             if spec.out_features is None:
                 continue
             s = torch.ones(spec.out_features, 1, dtype=torch.float64)
-        acc = abs(weights[i]) * s if acc is None else acc + abs(weights[i]) * s
-        total += abs(weights[i])
+        w = abs(weights[i]) / unit
+        acc = w * s if acc is None else acc + w * s
+        total += w
     if acc is None:
         raise IncompatibleAdaptersError(f"module {p.name!r}: no oft_s scale found to merge")
     return acc / total
@@ -357,6 +369,14 @@ class MergePlan:
     base: MergeBase | None = None
     #: COFT's eps when the output keeps COFT on and stores the inputs' tensors as they are (:func:`keep_coft`)
     coft_eps: float | None = None
+
+    @property
+    def inputs(self) -> tuple[tuple[str, str], ...]:
+        """What the output must not replace (``(role, path)``): every input adapter, and the base the shapes were checked against."""
+        out = [("input adapter", str(a.path)) for a in self.adapters]
+        if self.base is not None:
+            out.append(("the base model", str(self.base.source.path)))
+        return tuple(out)
 
     def grid(self) -> dict[str, tuple[tuple[int, ...], int]]:
         """module -> (the inputs' block sizes, the output block size)."""
@@ -441,6 +461,7 @@ def plan_merge(config: Any) -> MergePlan:
             raise
         warnings.append(f"the adapters do not fit {base.describe()}, so their shapes are not checked against a base ({exc})")
         base, read = None, read_all(None)
+    warnings += dict.fromkeys(n for a in read for n in a.notes)  # how the inputs were read (a PEFT release newer than known)
     weights = list(config.weights) if config.weights is not None else [1.0] * len(read)
     meth = get_method(config.method)
     file_hashes, keys = _input_hashes(read, need_content=not meth.order_matters)
@@ -514,9 +535,9 @@ def keep_coft(
     can be written as they are with COFT on, and PEFT projects them as it did: the output then
     keeps each module's stored tensor bit for bit (``N = 1``).
     """
-    if layout != "0.18" or shared or scale != 1.0 or not all(a.config.get("coft", False) for a in read):
+    if layout != "0.18" or shared or scale != 1.0 or not all(config_bool(a.config, "coft", False, where=config_path(a.path)) for a in read):
         return None
-    eps = {float(a.config.get("eps", 6e-5)) for a in read}
+    eps = {config_float(a.config, "eps", 6e-5, where=config_path(a.path), positive=True) for a in read}
     if len(eps) != 1:
         return None
     for p in plans:

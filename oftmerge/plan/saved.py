@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from oftmerge.config import SAVED_MODULES
-from oftmerge.errors import IncompatibleAdaptersError
+from oftmerge.errors import IncompatibleAdaptersError, NumericalError
 from oftmerge.formats.peft_oft import OftAdapter
+from oftmerge.linalg import weight_unit
 
 __all__ = ["SAVED_POLICIES", "SavedPlan", "plan_saved", "saved_values"]
 
@@ -121,10 +122,14 @@ def saved_values(adapters: Sequence[OftAdapter], weights: Sequence[float], plans
             out[p.name] = adapters[p.source].saved_tensor(p.name)
             continue
         tensors = [adapters[i].saved_tensor(p.name) for i in p.inputs]
-        w = [abs(weights[i]) for i in p.inputs]
+        unit = weight_unit(torch.tensor([weights[i] for i in p.inputs], dtype=torch.float64))  # exact; 1e200 weights do not overflow
+        w = [abs(weights[i]) / unit for i in p.inputs]
         acc = torch.zeros(tensors[0].shape, dtype=torch.float64)
         for t, wi in zip(tensors, w):
             acc.add_(t.to(torch.float64), alpha=wi)
         dtypes = {t.dtype for t in tensors}
-        out[p.name] = (acc / sum(w)).to(dtypes.pop() if len(dtypes) == 1 else torch.float32)
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        out[p.name] = (acc / sum(w)).to(dtype)
+        if out[p.name].is_floating_point() and not bool(torch.isfinite(out[p.name]).all()):
+            raise NumericalError(f"saved tensor {p.name!r}: the weighted mean does not fit {str(dtype).removeprefix('torch.')}; nothing was written")
     return out

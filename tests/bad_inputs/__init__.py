@@ -66,6 +66,7 @@ class Case:
     output: str | None = "out"  #: the output path (relative); a good control must leave it complete
     changes: tuple[str, ...] = ()  #: workspace paths (relative) that may change (an overwritten output)
     skip: Callable[[Workspace], str | None] | None = None  #: a reason to skip here (no tmpfs, root, ...)
+    check: Callable[[Workspace], None] | None = None  #: further assertions on the workspace after the run
 
 
 def digests(root: Path, exclude: Path) -> dict[str, str]:
@@ -141,3 +142,5 @@ def run_case(case: Case, root: Path, capsys, monkeypatch) -> None:
         assert (ws / case.output).is_symlink() or case.output in {p.split("/")[0] for p in before}, (
             f"{case.id}: a failed run left an output at {case.output}"
         )
+    if case.check is not None:
+        case.check(ws)

@@ -15,6 +15,8 @@ from safetensors.torch import load_file, save_file
 import oftmerge
 from oftmerge.errors import (
     AdapterFormatError,
+    FileSystemError,
+    HubError,
     IncompatibleAdaptersError,
     NumericalError,
     OftMergeError,
@@ -33,8 +35,11 @@ def _tree_digest(path):
 
 
 def test_every_error_is_a_value_error():
-    for cls in (AdapterFormatError, IncompatibleAdaptersError, NumericalError, OutputExistsError):
+    for cls in (AdapterFormatError, IncompatibleAdaptersError, NumericalError, OutputExistsError, FileSystemError, HubError):
         assert issubclass(cls, OftMergeError) and issubclass(cls, ValueError)
+    assert issubclass(FileSystemError, OSError)  # what ``except OSError`` caught before still catches it
+    assert {c.exit_code for c in (AdapterFormatError, NumericalError, OutputExistsError)} == {2}
+    assert (FileSystemError.exit_code, HubError.exit_code) == (3, 4)
 
 
 def test_different_widths_mean_different_base_models(pair):

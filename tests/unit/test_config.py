@@ -72,7 +72,6 @@ def test_merge_config_bad_option_type():
     one_line_error(lambda: MergeConfig(A, method_options={"cancel_tol": "tiny"}), "'cancel_tol'", "float", "'tiny'")
 
 
-@pytest.mark.xfail(strict=True, reason="bool options are coerced with bool(value): the string 'false' (or 'no', '0') becomes True")
 def test_merge_config_bool_option_from_a_string_is_not_silently_true():
     try:
         opts = MergeConfig(A, method_options={"per_block": "false"}).method_options

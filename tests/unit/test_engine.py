@@ -3,7 +3,9 @@ and the streaming model writer against ShardedWriter's bytes."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -14,7 +16,7 @@ import pytest
 import torch
 
 from oftmerge.engine import distributed
-from oftmerge.engine.commit import check_output, output_directory, remove_stale_partials
+from oftmerge.engine.commit import atomic_directory, check_output, output_directory, remove_stale_partials
 from oftmerge.engine.distributed import LOCAL, LocalGroup, is_main, process_group
 from oftmerge.engine.model import write_model
 from oftmerge.engine.threads import Prefetch, torch_threads
@@ -48,14 +50,12 @@ def test_check_output_accepts_siblings_and_returns_the_absolute_path(tmp_path, m
     inputs = [("input adapter", tmp_path / "adapter"), ("the base model", tmp_path / "base")]
     for name in ("merged", "adapter-merged", "adapte", "base2"):  # name prefixes are not parents
         assert check_output(tmp_path / name, inputs) == tmp_path / name
-    assert check_output(tmp_path / "adapter" / "inside", inputs) == tmp_path / "adapter" / "inside"  # below an input is not replacing it
     monkeypatch.chdir(tmp_path)
     out = check_output("merged", inputs)
     assert out.is_absolute() and out == tmp_path / "merged"
     assert check_output(tmp_path / "merged", ()) == tmp_path / "merged"
 
 
-@pytest.mark.xfail(strict=True, reason="check_output compares Path.absolute(), which keeps '..': out='x/../adapter' replaces the input")
 def test_check_output_refuses_the_input_spelled_with_dotdot(tmp_path):
     (tmp_path / "adapter").mkdir()
     (tmp_path / "x").mkdir()
@@ -63,12 +63,82 @@ def test_check_output_refuses_the_input_spelled_with_dotdot(tmp_path):
         check_output(tmp_path / "x" / ".." / "adapter", [("input adapter", tmp_path / "adapter")])
 
 
-@pytest.mark.xfail(strict=True, reason="check_output does not resolve symlinks: an output that is a link to an input is accepted")
 def test_check_output_refuses_a_symlink_to_the_input(tmp_path):
     (tmp_path / "adapter").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "adapter")
     with pytest.raises(OftMergeError):
         check_output(tmp_path / "link", [("input adapter", tmp_path / "adapter")])
+
+
+def test_check_output_resolves_every_spelling(tmp_path):
+    a = tmp_path / "adapter"
+    (a / "sub").mkdir(parents=True)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "la").symlink_to(a)
+    (tmp_path / "parent-link").symlink_to(tmp_path)
+    (tmp_path / "x" / "deep").symlink_to(tmp_path / "x")  # x/deep/.. is x's parent only once resolved
+    cases = {
+        a: "would replace input adapter",
+        tmp_path / "x" / ".." / "adapter": "would replace input adapter",
+        tmp_path / "parent-link" / "adapter": "would replace input adapter",  # a symlinked parent
+        tmp_path / "la": "would replace input adapter",  # the output is a link to the input
+        tmp_path / "x" / "deep" / ".." / "adapter": "would replace input adapter",
+        tmp_path: r"would replace input adapter .*\(it holds",  # holds the input
+        a / "sub": "is inside input adapter",
+        a / "new": "is inside input adapter",  # not there yet, still inside
+        tmp_path / "la" / "new": "is inside input adapter",
+    }
+    for out, message in cases.items():
+        for spelling in (a, tmp_path / "la", f"{tmp_path}/x/../adapter"):  # the input spelled any way too
+            with pytest.raises(OftMergeError, match=message):
+                check_output(out, [("input adapter", spelling)])
+
+
+def test_check_output_compares_devices_and_inodes(tmp_path, monkeypatch):
+    """A bind mount is another path of the same directory: realpath cannot see it, (st_dev, st_ino) can."""
+    from oftmerge.engine import guard
+
+    a, mount = tmp_path / "adapter", tmp_path / "mnt"
+    a.mkdir()
+    mount.mkdir()
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):  # `mnt` is a bind mount of `adapter`
+        p = Path(path)
+        return real_stat(a / p.relative_to(mount) if p.is_relative_to(mount) else p, *args, **kwargs)
+
+    monkeypatch.setattr(guard.os, "stat", stat)
+    with pytest.raises(OftMergeError, match="would replace input adapter"):
+        check_output(mount, [("input adapter", a)])
+    (a / "sub").mkdir()
+    with pytest.raises(OftMergeError, match="is inside input adapter"):
+        check_output(mount / "sub", [("input adapter", a)])
+
+
+def test_check_output_protects_the_files_an_input_links_to(tmp_path):
+    """A Hub snapshot's files are links to ../../blobs: replacing the blobs directory would empty the input."""
+    blobs, snap = tmp_path / "repo" / "blobs", tmp_path / "repo" / "snapshots" / "abc"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (blobs / "123").write_bytes(b"weights")
+    (snap / "adapter_model.safetensors").symlink_to(Path("..") / ".." / "blobs" / "123")
+    with pytest.raises(OftMergeError, match=r"would replace the adapter .*\(it holds .*blobs/123\)"):
+        check_output(blobs, [("the adapter", snap)])
+    assert check_output(tmp_path / "repo" / "other", [("the adapter", snap)]) == tmp_path / "repo" / "other"
+
+
+def test_check_output_refuses_an_output_that_is_a_symlink(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing")
+    for link in ("out", "dangling"):
+        with pytest.raises(OftMergeError, match=r"is a symbolic link .*neither writes through a link nor replaces one") as info:
+            check_output(tmp_path / link, [])
+        assert "\n" not in str(info.value)
+    with pytest.raises(OftMergeError, match="symbolic link"):
+        with output_directory(tmp_path / "out", overwrite=True):
+            pytest.fail("the block must not run")
+    assert (tmp_path / "out").is_symlink() and _entries(tmp_path) == ["dangling", "elsewhere", "out"]
 
 
 # -- commit: output_directory ------------------------------------------------------------------------------
@@ -83,7 +153,7 @@ def test_output_directory_commits_on_success(tmp_path):
     with output_directory(parent / "out") as tmp:
         assert tmp.parent == parent and tmp.name.startswith(".out.partial-") and tmp.is_dir()
         marker = tmp.with_name(tmp.name + ".pid")
-        assert marker.read_text() == str(os.getpid())  # names the writer while it writes
+        assert marker.read_text().split() == [str(os.getpid()), socket.gethostname()]  # names the writer while it writes
         assert not (parent / "out").exists()  # nothing at the output until the commit
         (tmp / "a.txt").write_text("A")
         (tmp / "b.bin").write_bytes(b"\0\1")
@@ -158,6 +228,183 @@ def test_output_directory_cleans_up_after_a_killed_run(tmp_path):
     assert not dead.exists()
     assert _entries(tmp_path) == ["out"]
 
+
+def _output(path: Path, text: str) -> Path:
+    path.mkdir()
+    (path / "adapter_model.safetensors").write_text(text)
+    return path
+
+
+def _journal(tmp_path: Path, jid: str, pid: int | str, new: str, new_id: Path | None = None, old: str | None = None) -> Path:
+    journal = tmp_path / f".out.old-{jid}.journal"
+    ident = [os.lstat(new_id).st_dev, os.lstat(new_id).st_ino] if new_id is not None else [0, 0]
+    record = {"pid": pid, "host": socket.gethostname(), "old": old or f".out.old-{jid}", "new": new, "new_id": ident}
+    journal.write_text(json.dumps(record))
+    return journal
+
+
+def test_recovery_puts_the_old_output_back_when_killed_between_the_renames(tmp_path):
+    """(a) done, (b) not: nothing at the output, the old one aside, the complete new one in its partial directory."""
+    pid = _dead_pid()
+    _output(tmp_path / f".out.old-{pid}-ab", "old")
+    new = _partial(tmp_path, "out", f"{pid}-cd", pid)
+    _journal(tmp_path, f"{pid}-ab", pid, new.name, new_id=new)
+    remove_stale_partials(tmp_path / "out")
+    assert _entries(tmp_path) == ["out"] and (tmp_path / "out" / "adapter_model.safetensors").read_text() == "old"
+
+
+def test_recovery_keeps_the_new_output_once_it_is_in_place(tmp_path):
+    pid = _dead_pid()
+    _output(tmp_path / f".out.old-{pid}-ab", "old")
+    new = _output(tmp_path / "out", "new")
+    _journal(tmp_path, f"{pid}-ab", pid, f".out.partial-{pid}-cd", new_id=new)
+    (tmp_path / f".out.partial-{pid}-cd.pid").write_text(f"{pid} {socket.gethostname()}\n")
+    with output_directory(tmp_path / "other"):  # another output's run leaves `out` alone
+        pass
+    assert len(_entries(tmp_path)) == 5
+    remove_stale_partials(tmp_path / "out")
+    assert _entries(tmp_path) == ["other", "out"] and (tmp_path / "out" / "adapter_model.safetensors").read_text() == "new"
+
+
+def test_recovery_after_an_exchange_deletes_the_old_output_at_the_partial_name(tmp_path):
+    pid = _dead_pid()
+    new = _output(tmp_path / "out", "new")
+    old_at_partial = _output(tmp_path / f".out.partial-{pid}-cd", "old")
+    _journal(tmp_path, f"{pid}-ab", pid, old_at_partial.name, new_id=new)
+    with output_directory(tmp_path / "out", overwrite=True) as tmp:  # the next run recovers first
+        assert _entries(tmp_path) == sorted(["out", tmp.name, tmp.name + ".pid"])
+        (tmp / "adapter_model.safetensors").write_text("newer")
+    assert _entries(tmp_path) == ["out"] and (tmp_path / "out" / "adapter_model.safetensors").read_text() == "newer"
+
+
+def test_recovery_leaves_a_live_run_and_foreign_paths_alone(tmp_path):
+    _output(tmp_path / "out", "old")
+    live = _partial(tmp_path, "out", f"{os.getpid()}-cd", os.getpid())
+    mine = _journal(tmp_path, f"{os.getpid()}-ab", os.getpid(), live.name, new_id=live)
+    victim = _output(tmp_path / "victim", "an input")
+    dead = _dead_pid()
+    evil = tmp_path / f".out.old-{dead}-ef.journal"  # a journal may only name entries of `out`'s own
+    evil.write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "old": "victim", "new": "../victim", "new_id": [0, 0]}))
+    garbled = tmp_path / f".out.old-{dead}-gh.journal"
+    garbled.write_text('{"pid": ')  # killed while writing it: written before any rename, so nothing moved
+    remove_stale_partials(tmp_path / "out")
+    assert live.is_dir() and mine.is_file() and (victim / "adapter_model.safetensors").read_text() == "an input"
+    assert not evil.exists() and not garbled.exists()
+    assert (tmp_path / "out" / "adapter_model.safetensors").read_text() == "old"
+
+
+def test_recovery_of_partials_without_a_marker_and_of_an_older_oftmergess_old_output(tmp_path):
+    dead = _dead_pid()
+    nameless = tmp_path / f".out.partial-{dead}-zz"  # killed between mkdtemp and its marker: the pid is in its name
+    nameless.mkdir()
+    legacy = _output(tmp_path / ".out.old-k2j4h5g6", "old")  # no journal, no pid: an older oftmerge's, killed between renames
+    orphan = tmp_path / f".out.partial-{dead}-yy.pid"  # a marker whose directory was deleted already
+    orphan.write_text(str(dead))
+    remove_stale_partials(tmp_path / "out")
+    assert _entries(tmp_path) == ["out"] and (tmp_path / "out" / "adapter_model.safetensors").read_text() == "old"
+    assert not legacy.exists()
+
+
+def test_an_output_that_appears_meanwhile_is_not_replaced(tmp_path):
+    """Two runs to one new output: the second to commit fails and leaves the first one's output as it is."""
+    with pytest.raises(OutputExistsError, match="appeared while this run was writing"):
+        with output_directory(tmp_path / "out") as tmp:
+            (tmp / "mine").write_text("second")
+            with output_directory(tmp_path / "out") as other:
+                (other / "theirs").write_text("first")
+    assert _entries(tmp_path) == ["out"] and _entries(tmp_path / "out") == ["theirs"]
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "lock-file"])
+def test_concurrent_overwrites_commit_one_after_the_other(tmp_path, monkeypatch, renameat2):
+    from oftmerge.engine import fsops
+
+    if not renameat2:
+        monkeypatch.setattr(fsops, "RENAMEAT2", None)
+    _output(tmp_path / "out", "old")
+    with output_directory(tmp_path / "out", overwrite=True) as tmp:
+        (tmp / "adapter_model.safetensors").write_text("A")
+        if renameat2:  # the other run commits first; this one then replaces it whole
+            with output_directory(tmp_path / "out", overwrite=True) as other:
+                (other / "adapter_model.safetensors").write_text("B")
+        else:  # without renameat2 the lock is held for the whole run: the other run is refused at once
+            assert (tmp_path / ".out.lock").read_text().split()[0] == str(os.getpid())
+            with pytest.raises(OftMergeError, match=r"another oftmerge run \(pid \d+\) is writing this output \(lock .out.lock\)"):
+                with output_directory(tmp_path / "out", overwrite=True):
+                    pytest.fail("the block must not run")
+    assert _entries(tmp_path) == ["out"] and (tmp_path / "out" / "adapter_model.safetensors").read_text() == "A"
+
+
+def test_a_stale_lock_is_removed_and_a_held_one_waited_for(tmp_path, monkeypatch):
+    from oftmerge.engine import fsops
+
+    (tmp_path / ".out.lock").write_text(f"{_dead_pid()} {socket.gethostname()}\n")  # killed while holding it
+    with output_directory(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("x")
+    assert _entries(tmp_path) == ["out"]
+    held = fsops.Lock(tmp_path / "out")
+    assert held.acquire()
+    monkeypatch.setattr(fsops, "LOCK_WAIT", 0.2)
+    with pytest.raises(OftMergeError, match=f"another oftmerge run \\(pid {os.getpid()}\\) is writing this output"):
+        with output_directory(tmp_path / "out", overwrite=True) as tmp:
+            (tmp / "f").write_text("y")
+    held.release()
+    assert _entries(tmp_path) == ["out"] and (tmp_path / "out" / "f").read_text() == "x"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_the_output_gets_the_modes_the_umask_gives(tmp_path, umask):
+    import tempfile
+
+    from oftmerge.engine import fsops
+
+    old = os.umask(umask)
+    try:
+        assert fsops.umask() == umask
+        with output_directory(tmp_path / "out") as tmp:
+            assert tmp.stat().st_mode & 0o777 == 0o700  # private while it is written
+            fd, _ = tempfile.mkstemp(dir=tmp)  # 0600, like safetensors' and mkstemp's files
+            os.close(fd)
+            (tmp / "sub").mkdir(mode=0o700)
+            (tmp / "sub" / "f").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+    for p in (tmp_path / "out").rglob("*"):
+        assert p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~umask, p
+
+
+def test_atomic_directory_replaces_a_link_itself_never_its_target(tmp_path):
+    target = _output(tmp_path / "elsewhere", "kept")
+    (tmp_path / "out").symlink_to(target)
+    with atomic_directory(tmp_path / "out", overwrite=True) as tmp:
+        (tmp / "f").write_text("new")
+    assert not (tmp_path / "out").is_symlink() and _entries(tmp_path / "out") == ["f"]
+    assert _entries(tmp_path) == ["elsewhere", "out"] and (target / "adapter_model.safetensors").read_text() == "kept"
+
+
+def test_commit_errors_are_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OftMergeError, match=r"cannot create the output's directory \(.*\); check the path") as info:
+        with output_directory(tmp_path / "file" / "out"):
+            pytest.fail("the block must not run")
+    assert "\n" not in str(info.value)
+
+
+def test_an_unwritable_parent_is_one_line(tmp_path, monkeypatch):
+    """What a read-only or full directory gives (root ignores permissions, so the refusal is simulated)."""
+    import errno
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with pytest.raises(OftMergeError, match=r": cannot write the output there \(Permission denied\); check the directory's permissions") as info:
+        with output_directory(tmp_path / "out"):
+            pytest.fail("the block must not run")
+    assert "\n" not in str(info.value) and isinstance(info.value.__cause__, PermissionError)  # exit code 3: the file system
+    assert _entries(tmp_path) == []
 
 # -- distributed: the group of one ------------------------------------------------------------------------
 

@@ -184,6 +184,10 @@ def test_legacy_layouts_know_only_the_exact_map(layout, family):
     ("choice", "message"),
     [
         ("neumann:x", r"cayley='neumann:x': expected neumann:N with an integer N"),
+        ("neumann:0", r"cayley='neumann:0': the Cayley-Neumann series needs N >= 1 terms .*neumann:5"),
+        ("neumann:-3", r"cayley='neumann:-3': the Cayley-Neumann series needs N >= 1 terms"),
+        ("neumann:", r"cayley='neumann:': expected neumann:N with an integer N"),
+        ("neumannish", r"cayley must be 'auto', 'exact', 'neumann' or 'neumann:N', got 'neumannish'"),
         ("bogus", r"cayley must be 'auto', 'exact', 'neumann' or 'neumann:N', got 'bogus'"),
     ],
 )
