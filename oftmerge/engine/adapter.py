@@ -11,6 +11,7 @@ import torch
 
 from oftmerge.engine.commit import Inputs, output_directory
 from oftmerge.engine.distributed import Group, process_group
+from oftmerge.engine.guard import check_nonempty, check_output, check_replaceable
 from oftmerge.formats.base import AdapterFormat
 
 __all__ = ["write_adapter"]
@@ -33,9 +34,12 @@ def write_adapter(
     returns once it exists, or raises if writing failed. Returns ``out`` made absolute.
     """
     group = group or process_group()
-    target = Path(out).absolute()
+    target = Path(check_nonempty(out)).absolute()
+    inputs = list(inputs)  # read twice: by the replace check and by the commit
 
     def write() -> None:
+        if overwrite:  # only an earlier output is replaced, never someone's data
+            check_replaceable(check_output(target, inputs))
         with output_directory(target, overwrite=overwrite, inputs=inputs) as tmp:
             fmt.write(tmp, tensors, config, dict(extra_files or {}))
 

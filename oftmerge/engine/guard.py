@@ -30,8 +30,12 @@ _MAX_LINKED = 4096
 
 
 def check_output(out: str | os.PathLike[str], inputs: Inputs) -> Path:
-    """Where ``out`` will be (its parent resolved); raises when writing it would replace, hold or enter one of ``inputs``."""
-    target = output_location(out)
+    """Where ``out`` will be (its parent resolved); raises when writing it would replace, hold or enter one of ``inputs``.
+
+    Also refused: an empty path, and the working directory, one that holds it, the home directory
+    or ``/`` (an output replaces its path as a whole).
+    """
+    target = output_location(check_nonempty(out))
     through = Path(os.path.realpath(target))  # where a link at `target` leads; `target` itself otherwise
     around = {ident: p for p in (target, *target.parents) if (ident := _identity(p)) is not None}
     own = _identity(through)
@@ -47,12 +51,51 @@ def check_output(out: str | os.PathLike[str], inputs: Inputs) -> Path:
                 raise OftMergeError(
                     f"{target}: the output would replace {role} {path}{_via(path, src, how)}; inputs are never modified. Choose another output directory."
                 )
+    cwd, home = Path(os.path.realpath(os.getcwd())), Path(os.path.realpath(Path.home()))
+    if target == cwd or target in cwd.parents or target in (home, Path(target.anchor)):
+        raise OftMergeError(
+            f"{target}: is the working directory, a directory that holds it, the home directory or the root; an output "
+            "replaces its path as a whole, so oftmerge writes only into a directory of its own. Choose a new directory (-o DIR)."
+        )
     if os.path.islink(target):
         raise OftMergeError(
             f"{target}: is a symbolic link (to {os.readlink(target)}); oftmerge neither writes through a link nor replaces "
             f"one. Give the directory itself (-o {through}) or remove the link."
         )
     return target
+
+
+#: what marks a directory as an earlier output (of oftmerge, PEFT or transformers), which ``overwrite`` may replace
+_OUTPUT_MARKS = ("oftmerge.json", "adapter_config.json", "config.json")
+
+
+def check_nonempty(out: str | os.PathLike[str]) -> str | os.PathLike[str]:
+    """``out``, unless it is an empty string (``Path("")`` would be the working directory)."""
+    if isinstance(out, str) and not out.strip():
+        raise OftMergeError("the output path is empty; give the directory to write (-o DIR)")
+    return out
+
+
+def check_replaceable(target: Path) -> None:
+    """Refuse to replace (``overwrite``) something at ``target`` that is not an earlier output.
+
+    ``--overwrite`` replaces a previous result: an empty directory, or one holding ``oftmerge.json``,
+    ``adapter_config.json`` or ``config.json`` (an adapter or a model). A file, or a directory
+    with none of these (someone's data), is never deleted by oftmerge.
+    """
+    if not os.path.lexists(target) or os.path.islink(target):
+        return
+    if target.is_dir():
+        names = set(os.listdir(target))
+        if not names or names & set(_OUTPUT_MARKS):
+            return
+        what = f"a directory with {len(names)} entries and none of {', '.join(_OUTPUT_MARKS)}"
+    else:
+        what = "a file"
+    raise OftMergeError(
+        f"{target}: exists and is {what}, not an earlier output; --overwrite replaces only outputs (adapters, models). "
+        "Remove it yourself if it is meant to go, or choose another output path."
+    )
 
 
 def output_location(out: str | os.PathLike[str]) -> Path:

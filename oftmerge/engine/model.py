@@ -55,6 +55,7 @@ import torch
 
 from oftmerge.engine.commit import Inputs, output_directory
 from oftmerge.engine.distributed import DistributedError, Group, process_group
+from oftmerge.engine.guard import check_nonempty, check_output, check_replaceable
 from oftmerge.engine.threads import Prefetch
 from oftmerge.errors import OftMergeError
 from oftmerge.formats.checkpoint import Checkpoint, RawTensor
@@ -113,7 +114,7 @@ def write_model(
     group = group or process_group()
     base_dir = Path(base_dir)
     ckpt = Checkpoint(base_dir)
-    out = Path(out_dir).absolute()
+    out = Path(check_nonempty(out_dir)).absolute()
     guarded = [("the base model", base_dir), *inputs]
     wanted: Callable[[str], bool]
     if only is None:
@@ -184,6 +185,8 @@ def _write_and_commit(
     """
     pending: str | None = "A"  # the collective the other processes are waiting for
     try:
+        if overwrite:  # only an earlier output is replaced, never someone's data
+            check_replaceable(check_output(out, guarded))
         with output_directory(out, overwrite=overwrite, inputs=guarded) as tmp:
             group.broadcast((str(tmp), None))
             pending = "B"

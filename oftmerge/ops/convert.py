@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 
+from oftmerge.engine.guard import check_nonempty
 from oftmerge.errors import OftMergeError
 from oftmerge.formats import read_oft_adapter
 from oftmerge.formats.sources import resolve_source, source_record
@@ -84,5 +84,5 @@ def convert_adapter(
         result.inputs = [dataclasses.replace(info, hub=hub) for info in result.inputs]
     result.method = "convert"
     result.options = {"approximate": approximate}
-    result.save(Path(dst), overwrite=overwrite)
+    result.save(check_nonempty(dst), overwrite=overwrite)
     return result

@@ -67,6 +67,7 @@ class Case:
     changes: tuple[str, ...] = ()  #: workspace paths (relative) that may change (an overwritten output)
     skip: Callable[[Workspace], str | None] | None = None  #: a reason to skip here (no tmpfs, root, ...)
     check: Callable[[Workspace], None] | None = None  #: further assertions on the workspace after the run
+    cwd: str | None = None  #: the working directory of the run (relative; created), else the workspace
 
 
 def digests(root: Path, exclude: Path) -> dict[str, str]:
@@ -108,6 +109,9 @@ def run_case(case: Case, root: Path, capsys, monkeypatch) -> None:
         pytest.skip(reason)
     if case.setup is not None:
         case.setup(ws)
+    cwd = ws.root / case.cwd if case.cwd else ws.root
+    cwd.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(cwd)  # never the repository: an output path relative to it must not reach the checkout
     before = digests(ws.root, ws.tmp)
     monkeypatch.setattr(tempfile, "tempdir", str(ws.tmp))
     monkeypatch.setenv("TMPDIR", str(ws.tmp))

@@ -49,6 +49,14 @@ def _dirs(*names: str) -> Setup:
     return setup
 
 
+def _text(name: str) -> Setup:
+    def setup(ws: Workspace) -> None:
+        (ws / name).parent.mkdir(parents=True, exist_ok=True)
+        (ws / name).write_text("someone's data\n")
+
+    return setup
+
+
 def _copy(src: str, dst: str) -> Setup:
     return lambda ws: shutil.copytree(ws / src, ws / dst, symlinks=True) and None
 
@@ -224,11 +232,23 @@ CASES: list[Case] = [
          message="is a symbolic link .*neither writes through a link nor replaces one", setup=_all(_copy("c", "elsewhere"), _link("out", "elsewhere"))),
     Case("outputs-read-only-parent", lambda ws: [*MERGE(ws), "-o", ws / "ro" / "out"],
          code=3, message="ro: cannot write the output there", setup=_read_only("ro"), output=None, skip=_root),  # 3: the file system
+    # -- paths that would replace what is not an output ---------------------------------------------------------
+    Case("outputs-empty-path", lambda ws: [*MERGE(ws), "-o", ""], message="the output path is empty", output=None),
+    Case("outputs-working-directory", lambda ws: [*MERGE(ws), "-o", ".", "--overwrite"], cwd="work",
+         message="is the working directory", setup=_dirs("work"), output=None),
+    Case("outputs-parent-of-the-working-directory", lambda ws: [*MERGE(ws), "-o", "..", "--overwrite"], cwd="work/sub",
+         message="is the working directory, a directory that holds it", setup=_dirs("work/sub"), output=None),
+    Case("outputs-overwrite-a-file", lambda ws: [*MERGE(ws), "-o", ws / "notes.txt", "--overwrite"], output="notes.txt",
+         message="notes.txt: exists and is a file, not an earlier output", setup=_text("notes.txt")),
+    Case("outputs-overwrite-someones-data", lambda ws: [*FOLD(ws), "-o", ws / "data", "--overwrite"], output="data",
+         message="data: exists and is a directory with 1 entries and none of", setup=_text("data/table.csv")),
     # -- good controls ----------------------------------------------------------------------------------------------
     Case("outputs-good-overwrite", lambda ws: [*MERGE(ws), "-o", ws / "out", "--overwrite", "-q"], code=0,
          setup=_copy("c", "out"), changes=("out",), check=_merged("out")),
     Case("outputs-good-fold-overwrite", lambda ws: [*FOLD(ws), "-o", ws / "out", "--overwrite", "-q"], code=0,
          setup=_copy("c", "out"), changes=("out",), check=_merged("out")),
+    Case("outputs-good-overwrite-an-empty-directory", lambda ws: [*MERGE(ws), "-o", ws / "empty", "--overwrite", "-q"], code=0,
+         output="empty", setup=_dirs("empty"), changes=("empty",)),
     Case("outputs-good-fold-into", lambda ws: [*FOLD_INTO(ws), "-o", ws / "out", "-q"], code=0),
     Case("outputs-good-convert", lambda ws: ["convert", ws / A, "-o", ws / "out"], code=0),
     Case("outputs-good-decouple", lambda ws: ["decouple", "--base", ws / "base", ws / "e1", ws / "e2", *FAST_DECOUPLE, "-o", ws / "out", "-q"],

@@ -105,8 +105,13 @@ def test_existing_output_is_never_overwritten(pair):
     with pytest.raises(OutputExistsError, match=r"out: already exists;.*--overwrite"):
         oftmerge.merge_adapters([a, b], out_dir=out)
     assert (out / "keep.txt").read_text() == "precious"
-    oftmerge.merge_adapters([a, b], out_dir=out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").exists()
+    # --overwrite replaces an earlier output, never a directory of someone's files
+    with pytest.raises(OftMergeError, match=r"out: exists and is a directory with 1 entries and none of .*not an earlier output"):
+        oftmerge.merge_adapters([a, b], out_dir=out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "precious"
+    oftmerge.merge_adapters([a, b], out_dir=out.parent / "merged")
+    oftmerge.merge_adapters([a, b], out_dir=out.parent / "merged", overwrite=True)
+    assert (out.parent / "merged" / "adapter_model.safetensors").exists()
 
 
 def test_output_over_an_input_is_refused_even_with_overwrite(pair):

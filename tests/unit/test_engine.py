@@ -175,16 +175,33 @@ def test_output_directory_leaves_nothing_on_error(tmp_path, error):
 def test_output_directory_existing_output(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old.txt").write_text("old")
+    (out / "oftmerge.json").write_text("old")  # an earlier output
     with pytest.raises(OutputExistsError, match="already exists"):
         with output_directory(out) as tmp:
             (tmp / "new.txt").write_text("new")
-    assert _entries(out) == ["old.txt"] and _entries(tmp_path) == ["out"]
+    assert _entries(out) == ["oftmerge.json"] and _entries(tmp_path) == ["out"]
     with output_directory(out, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
-        assert _entries(out) == ["old.txt"]  # replaced only once the new one is complete
+        assert _entries(out) == ["oftmerge.json"]  # replaced only once the new one is complete
     assert _entries(out) == ["new.txt"] and (out / "new.txt").read_text() == "new"
     assert _entries(tmp_path) == ["out"]  # the old output moved aside and deleted
+
+
+@pytest.mark.parametrize("kind", ["file", "data directory"])
+def test_overwrite_replaces_only_an_earlier_output(tmp_path, kind):
+    from oftmerge.engine.adapter import write_adapter
+    from oftmerge.formats.writer import PEFT_OFT
+
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("notes")
+    else:
+        out.mkdir()
+        (out / "table.csv").write_text("data")
+    with pytest.raises(OftMergeError, match="not an earlier output"):
+        write_adapter(out, PEFT_OFT, {}, {"peft_type": "OFT"}, overwrite=True)
+    assert (out.read_text() if kind == "file" else (out / "table.csv").read_text()) in ("notes", "data")
+    assert _entries(tmp_path) == ["out"]
 
 
 def test_output_directory_guards_inputs_before_writing(tmp_path):
