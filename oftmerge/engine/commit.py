@@ -51,7 +51,7 @@ from typing import Any
 from oftmerge.engine import fsops
 from oftmerge.engine.guard import Inputs, check_output, output_location
 from oftmerge.engine.recovery import discard_old, locked, marker, recover, remove, remove_stale_partials
-from oftmerge.errors import OftMergeError, OutputExistsError
+from oftmerge.errors import FileSystemError, OftMergeError, OutputExistsError
 from oftmerge.formats.io import fsync_dir
 
 __all__ = ["Inputs", "atomic_directory", "check_output", "output_directory", "remove_stale_partials"]
@@ -111,10 +111,12 @@ def output_directory(out: str | os.PathLike[str], *, overwrite: bool = False, in
 def _make_parent(parent: Path) -> None:
     try:
         parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:  # a file where a directory of the path should be
+        where = exc.filename or str(parent)
+        what = f"{where}: is a file, not a directory, so the output cannot be created below it; choose another output path"
+        raise FileSystemError(what, exc.errno, where) from exc
     except OSError as exc:
-        raise OftMergeError(
-            f"{parent}: cannot create the output's directory ({exc.strerror or exc}); check the path and its permissions, or choose another output directory"
-        ) from exc
+        raise FileSystemError.from_os_error(exc, parent) from exc
 
 
 def _make_partial(target: Path) -> Path:
@@ -122,18 +124,13 @@ def _make_partial(target: Path) -> Path:
     try:
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-{os.getpid()}-"))
     except OSError as exc:
-        raise OftMergeError(
-            f"{target.parent}: cannot write the output there ({exc.strerror or exc}); check the directory's permissions "
-            "and free space, or choose another output directory"
-        ) from exc
+        raise FileSystemError.from_os_error(OSError(exc.errno, exc.strerror, str(target.parent)), target.parent) from exc
     try:
         marker(tmp).write_text(fsops.owner_text(), encoding="ascii")
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         marker(tmp).unlink(missing_ok=True)
-        raise OftMergeError(
-            f"{target.parent}: cannot write the output there ({exc.strerror or exc}); free some space or choose another output directory"
-        ) from exc
+        raise FileSystemError.from_os_error(OSError(exc.errno, exc.strerror, str(target.parent)), target.parent) from exc
     return tmp
 
 

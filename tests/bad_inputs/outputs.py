@@ -231,7 +231,7 @@ CASES: list[Case] = [
     Case("outputs-output-is-a-symlink", lambda ws: [*MERGE(ws), "-o", ws / "out", "--overwrite"],
          message="is a symbolic link .*neither writes through a link nor replaces one", setup=_all(_copy("c", "elsewhere"), _link("out", "elsewhere"))),
     Case("outputs-read-only-parent", lambda ws: [*MERGE(ws), "-o", ws / "ro" / "out"],
-         code=3, message="ro: cannot write the output there", setup=_read_only("ro"), output=None, skip=_root),  # 3: the file system
+         code=3, message="ro: permission denied; write the output elsewhere", setup=_read_only("ro"), output=None, skip=_root),  # 3: the file system
     # -- paths that would replace what is not an output ---------------------------------------------------------
     Case("outputs-empty-path", lambda ws: [*MERGE(ws), "-o", ""], message="the output path is empty", output=None),
     Case("outputs-working-directory", lambda ws: [*MERGE(ws), "-o", ".", "--overwrite"], cwd="work",
