@@ -100,12 +100,13 @@ def write_model(
     inputs: Inputs = (),
     group: Group | None = None,
     replace: Mapping[str, torch.Tensor] | None = None,
+    drop: Collection[str] = (),
 ) -> Path:
     """Write a copy of model directory ``base_dir`` to ``out_dir`` (see the module docstring); returns ``out_dir``.
 
     ``replace`` maps tensor names to tensors written as they are instead of the base's, with
     their own shape and dtype (``tensor_fn`` is not called for them); names the base does not
-    store are added (a classification head the base lacks).
+    store are added (a classification head the base lacks); ``drop`` names base tensors left out.
 
     ``inputs`` are the run's other inputs (``(role, path)``) the output must not replace; the base
     always is one. ``metadata`` is added to every shard's header; ``progress(done, total, name)``
@@ -122,7 +123,7 @@ def write_model(
     else:
         wanted = only if callable(only) else set(only).__contains__
     replace = dict(replace or {})
-    plan = plan_model(ckpt, shard_size, untie=untie, replace=replace)
+    plan = plan_model(ckpt, shard_size, untie=untie, replace=replace, drop=drop)
     names = shard_names(len(plan))
     work = (lambda e: float(e.nbytes)) if cost is None else (lambda e: float(cost(e.name, tuple(e.shape))))
     mine = group.share([sum(work(e) for e in s if wanted(e.name)) * 1e3 + sum(e.nbytes for e in s) for s in plan])

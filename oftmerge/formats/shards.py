@@ -45,7 +45,7 @@ import os
 import shutil
 import struct
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -564,15 +564,17 @@ def plan_model(
     *,
     untie: tuple[str, str] | None = None,
     replace: Mapping[str, torch.Tensor] | None = None,
+    drop: Collection[str] = (),
 ) -> list[list[TensorInfo]]:
     """The shards :func:`~oftmerge.engine.model.write_model` would write for this base: lists of :class:`TensorInfo`, in order.
 
     ``replace`` maps tensor names to tensors written instead of the base's (their own shape and
-    dtype); names the base does not store are added after its tensors.
+    dtype); names the base does not store are added after its tensors. ``drop`` names base tensors
+    the output leaves out.
     """
     ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base)
     replace = replace or {}
-    keys = ckpt.keys_in_file_order()
+    keys = [k for k in ckpt.keys_in_file_order() if k not in drop]
     keys += [k for k in replace if k not in ckpt and (untie is None or k != untie[1])]
     if untie is not None:
         source, target = untie

@@ -197,7 +197,7 @@ def run_fold(config: FoldConfig, run: RunOptions, out_dir: str | os.PathLike[str
             plan.base, out_dir, _folder(plan, by_key, run), shard_size=run.shard_size, overwrite=run.overwrite, extra_files=extra,
             only=by_key.__contains__, untie=plan.untie, inputs=plan.inputs,
             config_updates={**({"tie_word_embeddings": False} if plan.untied else {}), **plan.config_updates} or None,
-            replace=_resized(plan),
+            replace=_resized(plan), drop=plan.dropped,
         )  # fmt: skip
     if hasattr(config.adapter, "saved_to"):  # a MergeResult
         config.adapter.saved_to = result.out_dir

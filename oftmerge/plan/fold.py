@@ -16,7 +16,7 @@ from typing import Any
 
 from oftmerge.errors import AdapterFormatError, IncompatibleAdaptersError, OftMergeError
 from oftmerge.formats.base import read_oft_adapter
-from oftmerge.formats.checkpoint import Checkpoint, missing_config_warning
+from oftmerge.formats.checkpoint import Checkpoint, missing_config_warning, read_model_config
 from oftmerge.formats.io import sha256_file
 from oftmerge.formats.peft_oft import RELEASES, OftAdapter, in_saved_module
 from oftmerge.formats.shards import TensorInfo, plan_model, tie_groups, tied_embeddings, tied_shapes
@@ -42,6 +42,7 @@ class FoldPlan:
     #: base tensors a saved head replaces with another shape, or adds (:func:`head_updates`)
     resized: frozenset[str]
     config_updates: Mapping[str, Any]  #: ``config.json`` changes the resized head needs (architectures, labels)
+    dropped: frozenset[str]  #: base tensors the new model class (a head added to a pretraining checkpoint) does not have
     untied: tuple[str, str] | None  #: (input embedding, lm_head) stored apart in the output
     untie: tuple[str, str] | None  #: the writer's ``untie``: only when the base does not store lm_head
     shards: tuple[tuple[TensorInfo, ...], ...]
@@ -64,7 +65,7 @@ def plan_fold(config: Any, shard_size: int | str = "5GB", *, dry_run: bool = Fal
     _refuse_shared_ties(read, groups, base)
     modules = {name: base_key(name, ckpt) for name in read.modules}
     saved = saved_keys(read, ckpt)
-    resized, head_config = head_updates(read, ckpt, saved)
+    resized, head_config, unused = head_updates(read, ckpt, saved)
     warnings: list[str] = list(read.notes)  # how the adapter was read (a PEFT release newer than oftmerge knows)
     if (no_config := missing_config_warning(ckpt)) is not None:
         warnings.append(no_config)
@@ -73,7 +74,9 @@ def plan_fold(config: Any, shard_size: int | str = "5GB", *, dry_run: bool = Fal
             f"the adapter's head ({', '.join(sorted(resized))}) does not fit the base's ({len(head_config['id2label'])} labels "
             f"in the adapter): the folded model is a {head_config['architectures'][0]} with the adapter's head and labels "
             "LABEL_0 ..., as PEFT gives after from_pretrained(base, num_labels=N, ignore_mismatched_sizes=True) and merge_and_unload"
-        )
+            + (f"; {len(unused)} base tensor(s) that class does not have are left out ({', '.join(sorted(unused)[:3])}"
+               f"{', ...' if len(unused) > 3 else ''})" if unused else "")
+        )  # fmt: skip
     convs = conv_modules(read, modules, ckpt)
     if convs:
         warnings.append(
@@ -97,7 +100,7 @@ def plan_fold(config: Any, shard_size: int | str = "5GB", *, dry_run: bool = Fal
                 "embedding; the adapter was trained on another model"
             )
     untie = untied if untied is not None and untied[1] not in ckpt else None
-    shards = plan_model(ckpt, shard_size, untie=untie, replace={key: _planned(read, ckpt, saved, key) for key in resized})
+    shards = plan_model(ckpt, shard_size, untie=untie, replace={key: _planned(read, ckpt, saved, key) for key in resized}, drop=unused)
     return FoldPlan(
         config=config,
         base=base,
@@ -107,6 +110,7 @@ def plan_fold(config: Any, shard_size: int | str = "5GB", *, dry_run: bool = Fal
         modules=modules,
         saved=saved,
         resized=frozenset(resized),
+        dropped=frozenset(unused),
         config_updates=head_config,
         untied=untied,
         untie=untie,
@@ -282,8 +286,9 @@ def head_dtype(read: OftAdapter, ckpt: Checkpoint, saved: Mapping[str, str], nam
     return max(set(floats), key=floats.count) if floats else read.saved_dtype(name)
 
 
-def head_updates(read: OftAdapter, ckpt: Checkpoint, saved: Mapping[str, str]) -> tuple[set[str], dict[str, Any]]:
-    """The saved tensors whose base tensor is missing or of another shape, and the ``config.json`` updates they need.
+def head_updates(read: OftAdapter, ckpt: Checkpoint, saved: Mapping[str, str]) -> tuple[set[str], dict[str, Any], set[str]]:
+    """The saved tensors whose base tensor is missing or of another shape, the ``config.json`` updates they need,
+    and the base tensors the new model class does not have (left out, as PEFT's saved model has none of them).
 
     PEFT's user loads a base whose head does not match the adapter's (another number of labels,
     or no head at all) as ``AutoModelForSequenceClassification.from_pretrained(base,
@@ -294,7 +299,7 @@ def head_updates(read: OftAdapter, ckpt: Checkpoint, saved: Mapping[str, str]) -
     """
     mismatched = {name: read.saved_shape(name) for name, key in saved.items() if key not in ckpt or tuple(ckpt.shape(key)) != read.saved_shape(name)}
     if not mismatched:
-        return set(), {}
+        return set(), {}, set()
     task = str(read.config.get("task_type") or "")
     entries = [str(e) for e in (read.config.get("modules_to_save") or [])]
     name, shape = next(iter(mismatched.items()))
@@ -311,7 +316,13 @@ def head_updates(read: OftAdapter, ckpt: Checkpoint, saved: Mapping[str, str]) -
             f"the adapter's {task} head ({', '.join(f'{n} {list(s)}' for n, s in mismatched.items())}) fits no number of labels "
             f"of {ckpt.path}'s model class, and {where}; fold into a base saved with that head"
         )
-    return {saved[n] for n in mismatched}, updates
+    names = updates.pop("_names")
+    unused: set[str] = set()
+    if list((read_model_config(ckpt.path) or {}).get("architectures") or []) != updates["architectures"]:
+        # the model changes class (a pretraining checkpoint becomes a classifier): as PEFT's saved model, keep
+        # only the tensors the new class has (a checkpoint key transformers builds from others is always kept)
+        unused = {key for key, name in ckpt.names.to_model.items() if name not in names and key not in saved.values()}
+    return {saved[n] for n in mismatched}, updates, unused
 
 
 def _labels_for(base: Path, task: str, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any] | None:
@@ -342,6 +353,7 @@ def _labels_for(base: Path, task: str, shapes: Mapping[str, tuple[int, ...]]) ->
                 "architectures": [type(model).__name__],
                 "id2label": {str(k): v for k, v in labels["id2label"].items()},
                 "label2id": dict(labels["label2id"]),
+                "_names": frozenset(state),  # the task class's tensor names (not a config key)
             }
     return None
 

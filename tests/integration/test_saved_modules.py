@@ -145,7 +145,7 @@ def test_fold_takes_a_head_the_base_does_not_fit_as_peft_does(bert, base_kind, t
     ref_dir = tmp_path / "ref"
     ref_model.save_pretrained(ref_dir)
     ref, got = load_file(ref_dir / "model.safetensors"), load_file(out / "model.safetensors")
-    assert set(ref) <= set(got)
+    assert set(ref) == set(got)  # the pretraining heads (cls.*) are left out, as in PEFT's saved model
     for k, v in ref.items():
         assert torch.allclose(got[k], v, rtol=1e-6, atol=1e-7), k
     cfg, ref_cfg = (json.loads((d / "config.json").read_text()) for d in (out, ref_dir))
@@ -284,3 +284,36 @@ def test_live_api_equals_the_file_path(bert, policy, tmp_path):
         assert torch.allclose(model.eval()(X).logits, _peft(bert["base"], tmp_path / "m")(X).logits, atol=1e-6)
     with pytest.raises(IncompatibleAdaptersError, match="saved_modules"):
         model.merge_oft_adapters(["a", "b"], adapter_name="again")
+
+
+def test_a_causal_lm_base_folds_into_a_classifier_as_peft_does(tmp_path):
+    """A Llama SEQ_CLS adapter (its `score` head) on a LlamaForCausalLM checkpoint: score added, lm_head left out, as PEFT saves it."""
+    from peft import OFTConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from helpers import save_llama
+
+    base = save_llama(tmp_path / "base", pad_token_id=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=4, ignore_mismatched_sizes=True)
+        peft_model = get_peft_model(model, OFTConfig(task_type="SEQ_CLS", target_modules=["q_proj", "v_proj"], oft_block_size=8))
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for _, p in peft_model.named_parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        peft_model.save_pretrained(tmp_path / "adapter")
+        ref = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, num_labels=4, ignore_mismatched_sizes=True),
+                                        str(tmp_path / "adapter")).merge_and_unload().eval()  # fmt: skip
+    assert main(["fold", str(tmp_path / "adapter"), "--base", str(base), "-o", str(tmp_path / "out"), "-q"]) == 0
+    ref.save_pretrained(tmp_path / "ref")
+    got, want = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")
+    assert set(got) == set(want) and "lm_head.weight" not in got and got["score.weight"].shape == (4, 64)
+    assert all(torch.allclose(got[k], want[k], rtol=1e-6, atol=1e-7) for k in want)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
+    ids = torch.tensor([[1, 5, 7, 9], [3, 4, 0, 0]])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        folded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+        assert torch.allclose(folded(ids).logits, ref(ids).logits, atol=1e-5)
