@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["NameMap", "identity_map", "name_map"]
+__all__ = ["NameMap", "identity_map", "meta_model", "name_map"]
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def _cached_map(directory: str, config_text: str, keys: tuple[str, ...]) -> Name
     if not isinstance(cls, type) or not hasattr(cls, "base_model_prefix"):
         return identity_map(keys, f"identity (transformers has no class {architectures[0]})")
     try:
-        model = _meta_model(transformers, cls, directory)
+        model = meta_model(cls, directory)
         conversions = get_model_conversion_mapping(model)  # what from_pretrained uses (legacy renamings included)
         meta = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         prefix = model.base_model_prefix
@@ -151,9 +151,20 @@ def _cached_map(directory: str, config_text: str, keys: tuple[str, ...]) -> Name
     )
 
 
-def _meta_model(transformers: Any, cls: type, directory: str) -> Any:
-    """``cls`` built from the directory's config on the ``meta`` device (structure and names only)."""
+def meta_model(cls: type, directory: str | os.PathLike[str]) -> Any:
+    """``cls`` built from the directory's ``config.json`` on the ``meta`` device (structure and names only).
+
+    Cached per process by class, directory and config text, so the name map and the tie groups of
+    one base (:func:`oftmerge.formats.shards.tie_groups`) share one build. Raises what building raises.
+    """
+    directory = str(Path(directory).absolute())
+    return _built(cls, directory, (Path(directory) / "config.json").read_text(encoding="utf-8"))
+
+
+@functools.lru_cache(maxsize=8)
+def _built(cls: type, directory: str, config_text: str) -> Any:
     import torch
+    import transformers
 
     config = transformers.AutoConfig.from_pretrained(directory)
     if getattr(config, "use_pretrained_backbone", False):  # never download a backbone to learn names

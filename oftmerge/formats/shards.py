@@ -44,7 +44,6 @@ import logging
 import os
 import shutil
 import struct
-import warnings
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +53,7 @@ import torch
 
 from oftmerge.errors import OftMergeError
 from oftmerge.formats.checkpoint import Checkpoint, RawTensor, read_model_config
+from oftmerge.formats.names import meta_model
 
 __all__ = [
     "MAX_COPIED_FILE_BYTES",
@@ -469,14 +469,7 @@ def _transformers_ties(base_dir: Path) -> Mapping[str, str] | None:
         cls = next((getattr(transformers, a) for a in archs if isinstance(a, str) and hasattr(transformers, a)), None)
         if cls is None:
             return None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            config = transformers.AutoConfig.from_pretrained(base_dir)
-            if getattr(config, "use_pretrained_backbone", False):  # never download a backbone's weights to read ties
-                config.use_pretrained_backbone = False
-            with torch.device("meta"):
-                model = cls(config)
-        ties = getattr(model, "all_tied_weights_keys", None)
+        ties = getattr(meta_model(cls, base_dir), "all_tied_weights_keys", None)  # the build the name map uses too
     except Exception as exc:  # any failure to build the class means transformers cannot tell us
         log.debug("%s: no tie information from transformers (%s: %s)", base_dir, type(exc).__name__, exc)
         return None
