@@ -421,17 +421,18 @@ def merge_base(given: Any, adapters: Sequence[Any]) -> tuple[MergeBase | None, d
     the merge goes on without a base, as it would without one given (and :func:`plan_merge` drops
     it, with a warning, when the adapters do not fit it).
     """
-    from oftmerge.formats.checkpoint import Checkpoint
+    # the shapes of the loaded model: tied weights the checkpoint leaves out (a tied lm_head) included
+    from oftmerge.formats.shards import tied_shapes
 
     if given is not None:
         src = resolve_source(given, "base model")
-        return MergeBase(src, False), Checkpoint(src.path).model_shapes()
+        return MergeBase(src, False), tied_shapes(src.path)
     name = configured_base(adapters)
     if name is None:
         return None, None
     try:
         src = resolve_source(name, "base model", local_only=True)
-        return MergeBase(src, True), Checkpoint(src.path).model_shapes()
+        return MergeBase(src, True), tied_shapes(src.path)
     except OftMergeError as exc:
         log.info("not checking against the adapters' base model %s: %s", name, exc)
         return None, None
@@ -444,10 +445,6 @@ def plan_merge(config: Any) -> MergePlan:
     sources = [None if isinstance(a, OftAdapter) else resolve_source(a, "adapter") for a in config.adapters]
     # a base the configs name is looked for only for adapters read here (not for ones given in memory)
     base, base_shapes = merge_base(config.base, [s for s in sources if s is not None])
-    if base is not None:  # with the tied weights the checkpoint leaves out (a tied lm_head): the loaded model has them
-        from oftmerge.formats.shards import tied_shapes
-
-        base_shapes = tied_shapes(base.source.path)
 
     def read_all(shapes: Mapping[str, tuple[int, ...]] | None) -> list[OftAdapter]:
         return [a if src is None else read_oft_adapter(src.path, peft_release=rel, base_shapes=shapes)
