@@ -8,8 +8,11 @@ from oftmerge.cli.common import print_report
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from oftmerge.cli.diffusion import diffusion_inputs, inspect_files
     from oftmerge.ops.inspect import inspect_adapters, render_report
 
+    if diffusion_inputs(args.adapters):
+        return inspect_files(args)
     report = inspect_adapters(args.adapters, base=args.base, peft_release=args.peft_release)
     print_report(args, data=lambda: report, text=lambda: render_report(report, max_modules=args.show))
     return 0
@@ -26,10 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             "and the magnitude correction c the default merge would use."
         ),
     )
-    p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter directories or Hub ids NS/NAME[@REV]")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter directories or Hub ids NS/NAME[@REV], or diffusion OFT .safetensors files")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--show", type=int, default=20, help="modules listed per adapter (default: %(default)s)")
     p.add_argument("--base", help="base model directory or Hub id (checks shapes; widths of block_share layers); default: the "
                    "adapters' base_model_name_or_path when it is at hand without a download")
     p.add_argument("--peft-release", help="PEFT release that wrote the inputs, when their config does not record it")
+    p.add_argument("--format", help="diffusion OFT files: read them as this format (lycoris, kohya, onetrainer; default: detected)")
     p.set_defaults(func=_cmd_inspect)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from oftmerge.cli.common import add_report_arguments, parse_options, parse_weights, print_report, progress_line, require_output
+from oftmerge.errors import OftMergeError
 
 EPILOG_MERGE = """examples:
   oftmerge merge adapters/oft-upper adapters/oft-reverse -o merged
@@ -14,14 +15,24 @@ EPILOG_MERGE = """examples:
   oftmerge merge my-org/oft-a my-org/oft-b@v2 -o merged   # Hub ids (HF_HUB_OFFLINE=1: from the cache only)
 
 The merged adapter loads with stock PEFT: PeftModel.from_pretrained(base, "merged").
+
+diffusion OFT files (LyCORIS, kohya sd-scripts, OneTrainer; see docs/diffusion.md):
+  oftmerge merge style.safetensors subject.safetensors -o merged.safetensors
+  oftmerge merge a.safetensors b.safetensors -o out.safetensors --weights 1,0.5 --scale 0.8
+  oftmerge merge kohya.safetensors lyco.safetensors --to lycoris -o merged.safetensors
+  oftmerge merge a.safetensors b.safetensors --fold-into PIPELINE_DIR -o folded-pipeline
 """
 
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    from oftmerge.cli.diffusion import diffusion_inputs, merge_files
     from oftmerge.config import MergeConfig, RunOptions
     from oftmerge.ops.merge import run_merge
 
+    if diffusion_inputs(args.adapters):
+        return merge_files(args)
+    _refuse_diffusion_options(args)
     require_output(args)
     config = MergeConfig(
         tuple(args.adapters), method=args.method, weights=parse_weights(args.weights), scale=args.scale, cayley=args.cayley,
@@ -50,9 +61,36 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_diffusion_options(args: argparse.Namespace) -> None:
+    for attr, flag in (("to", "--to"), ("format", "--format")):
+        if getattr(args, attr, None):
+            raise OftMergeError(f"{flag} applies to diffusion OFT files (.safetensors); PEFT adapter directories are read and written as PEFT")
+    if getattr(args, "rescale", "geometric") != "geometric":
+        raise OftMergeError("--rescale applies to LyCORIS files with rescale vectors, not to PEFT adapters")
+
+
+def _add_diffusion_arguments(p: argparse.ArgumentParser, *, merge: bool) -> None:
+    from oftmerge.formats.diffusion import DIFFUSION_FORMATS
+
+    p.add_argument("--to", choices=DIFFUSION_FORMATS, help="diffusion files: the output's format (default: the inputs'; needed when they differ)")
+    p.add_argument("--format", choices=DIFFUSION_FORMATS, help="diffusion files: read the inputs as this format (default: detected from the keys)")
+    p.add_argument("--approximate", action="store_true", help="diffusion files: allow a change of rotation map (Cayley-Neumann <-> exact)"
+                   if merge else "allow an approximate change of series (PEFT 0.16-0.17 -> 0.18 Neumann; diffusion files: Neumann <-> exact)")
+    if merge:
+        from oftmerge.ops.diffusion import RESCALE_MERGES
+
+        p.add_argument("--rescale", default="geometric", choices=RESCALE_MERGES,
+                       help="LyCORIS rescale vectors: |weight|-weighted geometric (default) or arithmetic mean")  # fmt: skip
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
+    from oftmerge.cli.diffusion import convert_file
+    from oftmerge.formats.diffusion import is_diffusion_file
     from oftmerge.ops.convert import convert_adapter
 
+    if is_diffusion_file(args.adapter):
+        return convert_file(args)
+    _refuse_diffusion_options(args)
     result = convert_adapter(
         args.adapter, args.output, peft_release=args.peft_release, approximate=args.approximate, overwrite=args.overwrite
     )
@@ -80,7 +118,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG_MERGE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    m.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter directories written by save_pretrained, or Hub ids NS/NAME[@REV]")
+    m.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter directories written by save_pretrained, or Hub ids NS/NAME[@REV]; or diffusion OFT .safetensors files")
     m.add_argument("-o", "--output", help="output directory (written atomically)")
     m.add_argument("--method", default="orthomerge", choices=list(available_methods()), help="merge method (default: %(default)s; see `oftmerge methods`)")
     m.add_argument("--weights", help="comma-separated weight per adapter; negative = negate that adapter")
@@ -100,6 +138,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="write a full model instead: the merge folded into base model BASE, a directory or Hub id (see `oftmerge fold`)")
     m.add_argument("--shard-size", default="5GB", help="with --fold-into: largest shard of the model, e.g. 2GB (default: %(default)s)")
     m.add_argument("--threads", type=int, default=1, help="torch threads for the arithmetic (default: %(default)s; see `oftmerge fold --help`)")
+    _add_diffusion_arguments(m, merge=True)
     add_report_arguments(m, dry_run="print the plan; read no generator, write nothing")
     m.set_defaults(func=_cmd_merge)
 
@@ -108,10 +147,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="upgrade a legacy OFT checkpoint to the current PEFT layout (only where exact)",
         description="Write an OFT adapter of an older PEFT release in the layout PEFT >= 0.18 loads.",
     )
-    c.add_argument("adapter", help="adapter directory or Hub id NS/NAME[@REV]")
+    c.add_argument("adapter", help="adapter directory or Hub id NS/NAME[@REV]; or a diffusion OFT .safetensors file (with --to)")
     c.add_argument("-o", "--output", required=True)
     c.add_argument("--peft-release", help="PEFT release that wrote the input, when its config does not record it")
-    c.add_argument("--approximate", action="store_true", help="allow the PEFT 0.16-0.17 -> 0.18 Neumann series change")
+    _add_diffusion_arguments(c, merge=False)
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=_cmd_convert)

@@ -54,7 +54,7 @@ from oftmerge.engine.recovery import discard_old, locked, marker, recover, remov
 from oftmerge.errors import FileSystemError, OftMergeError, OutputExistsError
 from oftmerge.formats.io import fsync_dir
 
-__all__ = ["Inputs", "atomic_directory", "check_output", "output_directory", "remove_stale_partials"]
+__all__ = ["Inputs", "atomic_directory", "check_output", "output_directory", "output_file", "remove_stale_partials"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,64 @@ def output_directory(out: str | os.PathLike[str], *, overwrite: bool = False, in
     target = check_output(out, inputs)
     with atomic_directory(target, overwrite=overwrite) as tmp:
         yield tmp
+
+
+@contextlib.contextmanager
+def output_file(out: str | os.PathLike[str], *, overwrite: bool = False, inputs: Inputs = (), suffix: str = ".safetensors") -> Iterator[Path]:
+    """The single-file counterpart of :func:`output_directory` (diffusion OFT files): yields the path to write.
+
+    The file is written in a partial directory beside ``out`` (the same names, marker and recovery
+    as a directory output), fsynced, and put in place in one step: ``link`` (which never replaces:
+    an output that appeared meanwhile raises :class:`~oftmerge.errors.OutputExistsError`) or, with
+    ``overwrite``, ``rename`` over an earlier output (a file with oftmerge's metadata, see
+    :func:`check_replaceable_file`). A failed or killed run leaves no file at ``out``.
+    """
+    target = check_output(out, inputs)
+    if target.suffix != suffix:
+        raise OftMergeError(f"{target}: the output is one {suffix} file; give a path ending in {suffix} (-o NAME{suffix})")
+    if target.is_dir():
+        raise OftMergeError(f"{target}: is a directory; the output is one {suffix} file, give its path (-o {target / ('merged' + suffix)})")
+    _make_parent(target.parent)
+    with locked(target, wait=0.0) as got:
+        if got:
+            recover(target)
+    if os.path.lexists(target):
+        if not overwrite:
+            raise _exists(target)
+        check_replaceable_file(target)
+    tmp = _make_partial(target)
+    try:
+        yield tmp / target.name
+        _seal(tmp)
+        try:
+            if overwrite:
+                os.replace(tmp / target.name, target)
+            else:
+                os.link(tmp / target.name, target)
+        except FileExistsError:
+            raise _exists(target, meanwhile=True) from None
+        except OSError as exc:
+            raise FileSystemError.from_os_error(exc, target) from exc
+        fsync_dir(target.parent)
+    finally:
+        with contextlib.suppress(OSError):
+            remove(tmp)
+        marker(tmp).unlink(missing_ok=True)
+
+
+def check_replaceable_file(target: Path) -> None:
+    """``overwrite`` replaces a file only when it is an earlier output: a safetensors file whose metadata has ``oftmerge``."""
+    from oftmerge.formats.checkpoint import read_safetensors_header
+
+    try:
+        meta = read_safetensors_header(target)[1].get("__metadata__") or {}
+    except Exception:  # noqa: BLE001  (anything unreadable is not an earlier output)
+        meta = {}
+    if os.path.islink(target) or "oftmerge" not in meta:
+        raise OftMergeError(
+            f"{target}: exists and is not an earlier oftmerge output (no 'oftmerge' entry in its safetensors metadata); --overwrite "
+            "replaces only outputs. Remove it yourself if it is meant to go, or choose another output path."
+        )
 
 
 def _make_parent(parent: Path) -> None:

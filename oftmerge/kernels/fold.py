@@ -25,7 +25,7 @@ from oftmerge.errors import NumericalError
 from oftmerge.formats.peft_oft import ModuleSpec, OftAdapter
 from oftmerge.linalg import RotationMap, scaled_norm
 
-__all__ = ["adapter_rotation", "all_finite", "cast_checked", "fold_weight", "rotation_overflows"]
+__all__ = ["adapter_rotation", "all_finite", "cast_checked", "fold_rescaled", "fold_weight", "rotation_overflows"]
 
 
 def adapter_rotation(adapter: OftAdapter, name: str) -> torch.Tensor:
@@ -125,6 +125,24 @@ def _fold_output_side(weight: torch.Tensor, r: torch.Tensor, spec: ModuleSpec, c
     padded[:out_f] = w
     folded = torch.einsum("kji,kjc->kic", r, padded.reshape(nb, b, -1)).reshape(nb * b, -1)[:out_f]
     return folded.reshape(shape).to(dtype)
+
+
+def fold_rescaled(
+    weight: torch.Tensor, rotation: torch.Tensor, spec: ModuleSpec, rescale: torch.Tensor | None = None, *, compute_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """:func:`fold_weight`, then every output row times ``rescale`` ``(out,)`` (LyCORIS's ``rescale``), in the compute dtype.
+
+    The rescale multiplies the rotated weight before it is rounded to ``weight``'s dtype, as LyCORIS does.
+    """
+    if rescale is None:
+        return fold_weight(weight, rotation, spec, compute_dtype=compute_dtype)
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    if spec.side == "output":
+        folded = fold_weight(weight.to(compute_dtype), rotation, spec, compute_dtype=compute_dtype)
+        s = rescale.to(compute_dtype).reshape(-1, *([1] * (weight.dim() - 1)))
+        return (folded * s).to(weight.dtype)
+    return fold_weight(weight, rotation, spec, scale=rescale.reshape(-1, 1), compute_dtype=compute_dtype)
 
 
 def cast_checked(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
