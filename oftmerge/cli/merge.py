@@ -118,7 +118,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG_MERGE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    m.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter directories written by save_pretrained, or Hub ids NS/NAME[@REV]; or diffusion OFT .safetensors files")
+    m.add_argument(
+        "adapters", nargs="+", metavar="ADAPTER", help="adapter directories written by save_pretrained, or Hub ids NS/NAME[@REV]; or diffusion OFT .safetensors files",  # noqa: E501
+    )
     m.add_argument("-o", "--output", help="output directory (written atomically)")
     m.add_argument("--method", default="orthomerge", choices=list(available_methods()), help="merge method (default: %(default)s; see `oftmerge methods`)")
     m.add_argument("--weights", help="comma-separated weight per adapter; negative = negate that adapter")

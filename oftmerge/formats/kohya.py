@@ -62,7 +62,7 @@ class KohyaFormat:
 
     name = "kohya"
     side: Literal["input", "output"] = "output"
-    suffixes = (".oft_blocks",)
+    suffixes: tuple[str, ...] = (".oft_blocks",)
 
     def detect(self, keys: Sequence[str]) -> bool:
         return any(k.endswith(".oft_blocks") for k in keys) and all(k.startswith(PREFIX) for k in keys)
@@ -86,7 +86,10 @@ class KohyaFormat:
         dim = source.shape(first_blocks)[0]
         notes: list[str] = []
         if len({float(source.get(k).to(torch.float64).reshape(-1)[0]) for k in alphas}) > 1:
-            notes.append(f"{path}: modules store different alphas; sd-scripts uses the first one ({first_alpha:g}, from {alphas[0]}) for every module, and so does oftmerge")
+            notes.append(
+                f"{path}: modules store different alphas; sd-scripts uses the first one ({first_alpha:g}, from {alphas[0]}) for every module, "
+                "and so does oftmerge"
+            )
         modules: dict[str, DiffusionModule] = {}
         for stem, roles in groups.items():
             if "blocks" not in roles:
@@ -102,8 +105,9 @@ class KohyaFormat:
                 )
             name = CANONICAL + stem[len(PREFIX) :]
             modules[name] = DiffusionModule(
-                name=name, key=roles["blocks"], stages=1, num_blocks=n, block_size=b, alpha=first_alpha, constraint=first_alpha * n * b, alpha_key=roles.get("alpha")
-            )
+                name=name, key=roles["blocks"], stages=1, num_blocks=n, block_size=b, alpha=first_alpha, constraint=first_alpha * n * b,
+                alpha_key=roles.get("alpha"),
+            )  # fmt: skip
         return DiffusionAdapter(
             path=path, format=self.name, algo="oft", side=self.side, rotation_map=self.rotation_map(), modules=modules,
             metadata=dict(metadata), _source=source, _effective=_effective, notes=tuple(notes),

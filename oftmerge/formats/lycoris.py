@@ -39,7 +39,7 @@ from oftmerge.formats.diffusion import (
     split_keys,
 )
 from oftmerge.formats.io import TensorDict, TensorFile
-from oftmerge.linalg import RotationMap, inverse_cayley
+from oftmerge.linalg import RotationMap, finest_block, inverse_cayley, split_blocks
 
 __all__ = ["LYCORIS", "boft_transform", "lycoris_rotation"]
 
@@ -90,12 +90,28 @@ def _effective(mod: DiffusionModule, raw: torch.Tensor) -> torch.Tensor:
         ) from None
 
 
+def _finest(q: torch.Tensor) -> torch.Tensor:
+    """``q`` on a grid LyCORIS loads (block size <= block count), when it is exactly block-diagonal on one.
+
+    A kohya file's coarse blocks (one block count for every module) come back to LyCORIS's grid:
+    the largest block size at most the block count that the generator is block-diagonal on. A
+    generator already on such a grid is kept as it is.
+    """
+    n, big, _ = q.shape
+    if big <= n:
+        return q
+    fine = finest_block(q)
+    width = n * big
+    fits = [d for d in range(big, 0, -1) if big % d == 0 and d % fine == 0 and d * d <= width]
+    return split_blocks(q, fits[0]) if fits else q
+
+
 class LycorisFormat:
     """LyCORIS ``diag-oft`` / ``boft`` files, in its generic (``lycoris_``) or kohya-style (``lora_unet_``) naming."""
 
     name = "lycoris"
     side: Literal["input", "output"] = "output"
-    suffixes = (".oft_blocks",)
+    suffixes: tuple[str, ...] = (".oft_blocks",)
 
     def detect(self, keys: Sequence[str]) -> bool:
         return any(k.endswith(".oft_blocks") for k in keys) and not any(k.startswith("oft_unet_") for k in keys)
@@ -170,7 +186,7 @@ class LycorisFormat:
 
     def check_writable(self, modules: Sequence[MergedModule], where: str) -> None:
         for m in modules:
-            blocks, b, _ = m.generator.shape
+            blocks, b, _ = _finest(m.generator).shape
             if b > blocks:
                 raise IncompatibleAdaptersError(
                     f"{where}: module {m.name!r} would need {blocks} block(s) of {b} rows, but LyCORIS loads a diag-oft module only when the block "
@@ -181,7 +197,7 @@ class LycorisFormat:
     def write_tensors(self, modules: Sequence[MergedModule], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for m in modules:
-            out[f"{m.name}.oft_blocks"] = (-0.5 * m.generator).to(dtype).contiguous()
+            out[f"{m.name}.oft_blocks"] = (-0.5 * _finest(m.generator)).to(dtype).contiguous()
             out[f"{m.name}.alpha"] = torch.tensor(0.0)  # constraint off: the loader applies the merged generator unchanged
             if m.rescale is not None:
                 shape = m.rescale_shape or (m.rescale.numel(), 1)

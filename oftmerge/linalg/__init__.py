@@ -12,11 +12,13 @@ from oftmerge.linalg.cayley import (
     neumann_series,
 )
 from oftmerge.linalg.groups import (
+    finest_block,
     karcher_mean,
     log_orthogonal,
     orthogonality_error,
     polar,
     regrid_blocks,
+    split_blocks,
 )
 from oftmerge.linalg.norms import scaled_norm, weight_unit
 from oftmerge.linalg.procrustes import (
@@ -43,6 +45,7 @@ __all__ = [
     "cayley_generator",
     "cayley_margin",
     "coft_project",
+    "finest_block",
     "inverse_cayley",
     "karcher_mean",
     "log_orthogonal",
@@ -55,6 +58,7 @@ __all__ = [
     "scaled_norm",
     "skew_from_full",
     "special_polar",
+    "split_blocks",
     "unpack_skew",
     "weight_unit",
 ]

@@ -90,3 +90,31 @@ def regrid_blocks(q: torch.Tensor, new_block: int) -> torch.Tensor:
     for i in range(k):  # k sub-blocks per big block, not a loop over blocks
         out[:, i * b : (i + 1) * b, i * b : (i + 1) * b] = small[:, i]
     return out
+
+
+def finest_block(q: torch.Tensor) -> int:
+    """The smallest block size ``b`` (a divisor of ``B``) on which block-diagonal ``q`` ``(blocks, B, B)`` is still block-diagonal.
+
+    The inverse of :func:`regrid_blocks`: entries outside the ``b x b`` diagonal sub-blocks must be
+    exactly zero (a generator regridded to a coarser grid, e.g. by a kohya writer, comes back).
+    """
+    big = q.shape[-1]
+    for b in range(1, big):
+        if big % b:
+            continue
+        k = big // b
+        sub = q.reshape(q.shape[0], k, b, k, b)
+        off = ~torch.eye(k, dtype=torch.bool)
+        if not bool(sub.permute(0, 1, 3, 2, 4)[:, off].any()):
+            return b
+    return big
+
+
+def split_blocks(q: torch.Tensor, b: int) -> torch.Tensor:
+    """``(blocks, B, B)`` -> ``(blocks * B / b, b, b)``: the diagonal sub-blocks (exact when :func:`finest_block` divides ``b``)."""
+    n, big, _ = q.shape
+    if big % b:
+        raise ValueError(f"block size {b} does not divide {big}")
+    k = big // b
+    sub = q.reshape(n, k, b, k, b).permute(0, 1, 3, 2, 4)
+    return sub.diagonal(dim1=1, dim2=2).permute(0, 3, 1, 2).reshape(n * k, b, b).contiguous()

@@ -203,7 +203,9 @@ def _grid(name: str, mods: Sequence[DiffusionModule], paths: Sequence[Path]) -> 
     return width, block
 
 
-def _merged_rescale(read: Sequence[DiffusionAdapter], name: str, weights: Sequence[float], how: str, scale: float) -> tuple[torch.Tensor | None, tuple[int, ...] | None]:
+def _merged_rescale(
+    read: Sequence[DiffusionAdapter], name: str, weights: Sequence[float], how: str, scale: float
+) -> tuple[torch.Tensor | None, tuple[int, ...] | None]:
     vectors = [a.rescale(name) for a in read]
     if all(v is None for v in vectors):
         return None, None
@@ -340,13 +342,16 @@ def inspect_diffusion(paths: Sequence[str | os.PathLike[str]], *, format: str | 
             flat[name] = q.reshape(-1) * a.rotation_map.sign
             s = a.rescale(name)
             raw_norm = frobenius(a.raw(name) - a.raw(name).transpose(-1, -2)) if a.format != "onetrainer" else None
+            clamped = raw_norm is not None and m.constraint is not None and m.stages == 1 and abs(frobenius(q) - raw_norm) > 1e-9 * max(raw_norm, 1.0)
             mods.append({
                 "name": name, "key": m.key, "stages": m.stages, "blocks": m.num_blocks, "block_size": m.block_size, "width": m.features,
-                "alpha": m.alpha, "constraint": m.constraint, "clamped": raw_norm is not None and m.constraint is not None and abs(frobenius(q) - raw_norm) > 1e-9 * max(raw_norm, 1.0),
+                "alpha": m.alpha, "constraint": m.constraint, "clamped": clamped,
                 "q_norm": frobenius(q), "rescale": None if s is None else {"min": float(s.min()), "max": float(s.max()), "mean": float(s.mean())},
             })  # fmt: skip
         vectors.append(flat)
-        files.append({"path": str(a.path), "format": a.format, "algo": a.algo, "side": a.side, "map": a.rotation_map.describe(), "modules": mods, "notes": list(a.notes)})
+        files.append(
+            {"path": str(a.path), "format": a.format, "algo": a.algo, "side": a.side, "map": a.rotation_map.describe(), "modules": mods, "notes": list(a.notes)}
+        )
     cos: list[list[float | None]] = []
     for va in vectors:
         row: list[float | None] = []
