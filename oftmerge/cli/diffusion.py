@@ -14,7 +14,7 @@ from oftmerge.cli.common import parse_options, parse_weights, print_report, requ
 from oftmerge.errors import OftMergeError
 from oftmerge.formats.diffusion import is_diffusion_file
 
-__all__ = ["diffusion_inputs", "inspect_files", "merge_files", "convert_file", "render_inspect"]
+__all__ = ["convert_file", "diffusion_inputs", "fold_file", "inspect_files", "merge_files", "render_inspect"]
 
 #: options of ``merge`` that only mean something for PEFT adapters, with why
 _PEFT_ONLY = {
@@ -127,4 +127,24 @@ def inspect_files(args: argparse.Namespace) -> int:
         raise OftMergeError("--base and --peft-release apply to PEFT adapter directories, not to diffusion OFT files; leave them out")
     report = inspect_diffusion(args.adapters, format=args.format)
     print_report(args, data=lambda: report, text=lambda: render_inspect(report, max_modules=args.show))
+    return 0
+
+
+def fold_file(args: argparse.Namespace) -> int:
+    from oftmerge.ops.diffusion_fold import fold_diffusion
+
+    if args.base is None:
+        raise OftMergeError(
+            f"{args.adapter}: a diffusion OFT file does not name its base model; give the diffusers model or pipeline directory with --base DIR"
+        )
+    if args.peft_release or args.push_to_hub:
+        raise OftMergeError("--peft-release and --push-to-hub apply to PEFT adapters; leave them out for a diffusion OFT file")
+    out = None if args.dry_run else args.output
+    result = fold_diffusion(args.adapter, args.base, out, overwrite=args.overwrite, shard_size=args.shard_size, dry_run=args.dry_run)
+
+    def text() -> str:
+        done = "dry run: nothing written" if args.dry_run else f"wrote {result.out_dir}"
+        return result.summary(max_modules=args.show) + "\n" + done
+
+    print_report(args, data=result.provenance, text=text)
     return 0

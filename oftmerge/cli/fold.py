@@ -15,6 +15,10 @@ EPILOG_FOLD = """examples:
 
 The folded directory loads with AutoModelForCausalLM.from_pretrained(OUT), without PEFT,
 and equals PeftModel.from_pretrained(base, ADAPTER).merge_and_unload().
+
+diffusion OFT files (LyCORIS, kohya, OneTrainer) into a diffusers model or pipeline directory:
+  oftmerge fold style.safetensors --base sd-pipeline -o sd-style       # unet/, text_encoder/ ... copied, rotated
+  oftmerge fold style.safetensors --base sd-pipeline/unet -o unet-style
 """
 
 EPILOG_PUSH = """examples:
@@ -24,11 +28,15 @@ EPILOG_PUSH = """examples:
 
 
 def _cmd_fold(args: argparse.Namespace) -> int:
+    from oftmerge.cli.diffusion import fold_file
     from oftmerge.config import FoldConfig, RunOptions
+    from oftmerge.formats.diffusion import is_diffusion_file
     from oftmerge.ops.fold import run_fold
     from oftmerge.plan.fold import fold_base
 
     require_output(args)
+    if is_diffusion_file(args.adapter):
+        return fold_file(args)
     adapter, base = (args.adapter, args.base) if args.base is not None else fold_base(args.adapter)
     config = FoldConfig(adapter, base, peft_release=args.peft_release, hash_base=args.hash_base,
                         push_to_hub=args.push_to_hub, private=args.private)  # fmt: skip

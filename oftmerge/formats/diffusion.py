@@ -50,6 +50,7 @@ __all__ = [
     "is_diffusion_file",
     "read_diffusion_adapter",
     "register_diffusion_format",
+    "safe_alpha",
 ]
 
 #: canonical name prefix -> the model component it adapts (kohya / LyCORIS naming; ``lycoris_`` is
@@ -278,14 +279,15 @@ def frobenius(t: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(t.reshape(-1)))
 
 
-def free_constraint(norm: float, features: int) -> float:
-    """The smallest float32 ``alpha`` whose bound ``alpha * features`` no loader's clamp reaches for ``||Q|| = norm``.
+def safe_alpha(norm: float) -> float:
+    """An ``alpha`` no loader's clamp reaches for a module whose stored generator has ``||Q||_F = norm``.
 
-    Clamps compare ``||Q|| (+ 1e-8)`` with ``alpha * features`` in float32: the value is rounded
-    up with a margin of 1e-4 relative so that no rounding makes it clamp.
+    LyCORIS, kohya and A1111 clamp ``||Q||`` to ``alpha * out``, ComfyUI to ``alpha`` itself
+    (``docs/dev/diffusion_loaders.md``); ``alpha = 0`` turns LyCORIS's clamp off but makes one
+    A1111 release clamp every rotation to the identity. ``alpha >= ||Q||`` with a margin of 1e-4
+    relative (and 1e-6 absolute, above the loaders' 1e-8) is safe under every rule, in float32.
     """
-    want = (norm * (1 + 1e-4) + 1e-6) / features
-    alpha = float(torch.tensor(want, dtype=torch.float32))
-    while alpha * features <= norm + 1e-8:  # pragma: no cover  (float32 rounding down)
+    alpha = float(torch.tensor(norm * (1 + 1e-4) + 1e-6, dtype=torch.float32))
+    while alpha <= norm * (1 + 1e-5) + 1e-7:  # pragma: no cover  (float32 rounded down)
         alpha = math.nextafter(alpha, math.inf)
     return alpha

@@ -12,8 +12,9 @@ Its loader builds every module with **one** ``dim`` and **one** ``alpha``, both 
 first tensors it meets (the file's sorted key order): a file whose modules differ in block count
 does not load, and the constraint of every module is the first ``alpha`` times its ``out``. The
 reader applies exactly that; the writer stores one block count (the finest grid all modules'
-rotations fit exactly, :func:`oftmerge.linalg.regrid_blocks`) and one ``alpha`` large enough that
-the clamp leaves every merged generator unchanged (the factor is then exactly 1).
+rotations fit exactly, :func:`oftmerge.linalg.regrid_blocks`) and one ``alpha`` at least the largest
+``||Q||_F`` (:func:`~oftmerge.formats.diffusion.safe_alpha`), so the clamp leaves every merged
+generator unchanged (the factor is then exactly 1), in every loader.
 
 In oftmerge's convention (``W' = D^T W``, ``D = cayley(Q)``) the generator is ``-clamp(A - A^T)``.
 """
@@ -28,7 +29,7 @@ from typing import Literal
 import torch
 
 from oftmerge.errors import AdapterFormatError, IncompatibleAdaptersError
-from oftmerge.formats.diffusion import DiffusionAdapter, DiffusionModule, MergedModule, frobenius, register_diffusion_format, split_keys
+from oftmerge.formats.diffusion import DiffusionAdapter, DiffusionModule, MergedModule, frobenius, register_diffusion_format, safe_alpha, split_keys
 from oftmerge.formats.io import TensorDict, TensorFile
 from oftmerge.linalg import RotationMap, regrid_blocks
 
@@ -46,15 +47,9 @@ def _effective(mod: DiffusionModule, raw: torch.Tensor) -> torch.Tensor:
     return -q * ((min(norm, c) + 1e-8) / (norm + 1e-8))
 
 
-def kohya_alpha(modules: Sequence[MergedModule]) -> float:
-    """One float32 ``alpha`` whose constraint ``alpha * out`` is above every module's ``||Q||_F`` (the clamp is then the identity)."""
-    want = max(((frobenius(m.generator) * (1 + 1e-4) + 1e-6) / (m.generator.shape[0] * m.generator.shape[1]) for m in modules), default=1e-3)
-    alpha = float(torch.tensor(want, dtype=torch.float32))
-    for m in modules:
-        out = m.generator.shape[0] * m.generator.shape[1]
-        while float(torch.tensor(alpha * out, dtype=torch.float32)) <= frobenius(m.generator):  # pragma: no cover  (rounding)
-            alpha = math.nextafter(alpha, math.inf)
-    return alpha
+def kohya_alpha(stored: Sequence[torch.Tensor]) -> float:
+    """One ``alpha`` for every module (sd-scripts reads one): :func:`~oftmerge.formats.diffusion.safe_alpha` of the largest ``||Q||_F``."""
+    return safe_alpha(max((frobenius(a.double() - a.double().transpose(-1, -2)) for a in stored), default=0.0))
 
 
 class KohyaFormat:
@@ -124,14 +119,14 @@ class KohyaFormat:
 
     def write_tensors(self, modules: Sequence[MergedModule], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         dim = math.gcd(*(m.generator.shape[0] for m in modules)) if modules else 1
-        alpha = kohya_alpha(modules)
         out: dict[str, torch.Tensor] = {}
         for m in modules:
             n, b, _ = m.generator.shape
             q = regrid_blocks(m.generator, n * b // dim)
-            stem = PREFIX + m.name[len(CANONICAL) :]
-            out[f"{stem}.oft_blocks"] = (-0.5 * q).to(dtype).contiguous()
-            out[f"{stem}.alpha"] = torch.tensor(alpha)
+            out[f"{PREFIX}{m.name[len(CANONICAL) :]}.oft_blocks"] = (-0.5 * q).to(dtype).contiguous()
+        alpha = kohya_alpha(list(out.values()))
+        for m in modules:
+            out[f"{PREFIX}{m.name[len(CANONICAL) :]}.alpha"] = torch.tensor(alpha)
         return out
 
 

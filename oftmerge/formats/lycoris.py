@@ -16,8 +16,9 @@ In oftmerge's convention (``W' = D^T W``, ``D = cayley(Q)``, :mod:`oftmerge.form
 a diag-oft module's generator is ``-clamp(A - A^T)``. A BOFT module's ``s`` stages multiply out to
 a block-diagonal rotation with blocks of ``B = 2^(s-1) b`` rows; its generator is the inverse
 Cayley map of those blocks, so BOFT files merge exactly in so(B). Merged files are written as
-diag-oft (``A = -Q / 2``) with ``alpha = 0`` (no clamp: the loader applies the merged generator as
-it is); LyCORIS loads a diag-oft module only when its block size is at most its block count.
+diag-oft (``A = -Q / 2``) with an ``alpha`` just above the module's ``||Q||_F``
+(:func:`~oftmerge.formats.diffusion.safe_alpha`: no loader's clamp reaches it, so the merged generator
+is applied as it is); LyCORIS loads a diag-oft module only when its block size is at most its block count.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from oftmerge.formats.diffusion import (
     clamp_factor,
     frobenius,
     register_diffusion_format,
+    safe_alpha,
     split_keys,
 )
 from oftmerge.formats.io import TensorDict, TensorFile
@@ -197,8 +199,10 @@ class LycorisFormat:
     def write_tensors(self, modules: Sequence[MergedModule], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for m in modules:
-            out[f"{m.name}.oft_blocks"] = (-0.5 * _finest(m.generator)).to(dtype).contiguous()
-            out[f"{m.name}.alpha"] = torch.tensor(0.0)  # constraint off: the loader applies the merged generator unchanged
+            blocks = (-0.5 * _finest(m.generator)).to(dtype).contiguous()
+            out[f"{m.name}.oft_blocks"] = blocks
+            stored = blocks.to(torch.float64)
+            out[f"{m.name}.alpha"] = torch.tensor(safe_alpha(frobenius(stored - stored.transpose(-1, -2))))  # no loader clamps it
             if m.rescale is not None:
                 shape = m.rescale_shape or (m.rescale.numel(), 1)
                 out[f"{m.name}.rescale"] = m.rescale.reshape(shape).to(dtype).contiguous()
