@@ -23,17 +23,18 @@ _PEFT_ONLY = {
 }
 
 
-def diffusion_inputs(paths: Sequence[str]) -> bool:
-    """True when every input is a diffusion file; refuses a mix of files and PEFT adapters."""
+def diffusion_inputs(paths: Sequence[str], to: str | None = None) -> bool:
+    """True when every input is a diffusion file, or an output format ``to`` is given (PEFT adapters then join as inputs);
+    refuses a mix of files and PEFT adapters without ``to``."""
     files = [is_diffusion_file(p) for p in paths]
-    if all(files):
+    if all(files) or to:
         return True
     if any(files):
         f = next(p for p, is_f in zip(paths, files) if is_f)
         d = next(p for p, is_f in zip(paths, files) if not is_f)
         raise OftMergeError(
-            f"{f} is a single-file diffusion OFT adapter and {d} a PEFT adapter (directory or Hub id): they cannot be merged in one run "
-            "(they rotate different sides of the weights); merge each kind on its own, or fold them into the model one after the other"
+            f"{f} is a single-file diffusion OFT adapter and {d} a PEFT adapter (directory or Hub id); give the output's format (--to lycoris, "
+            "kohya or onetrainer): exact only where the sides agree (PEFT 0.7-0.13 with LyCORIS / kohya, PEFT >= 0.14 with OneTrainer)"
         )
     return False
 
@@ -91,6 +92,8 @@ def convert_file(args: argparse.Namespace) -> int:
 
     if not args.to:
         raise OftMergeError(f"{args.adapter}: a diffusion OFT file is converted to another format: give --to (lycoris, kohya or onetrainer)")
+    if args.peft_release:
+        raise OftMergeError("--peft-release applies to converting PEFT adapters to the current PEFT layout; leave it out with --to")
     result = convert_diffusion(args.adapter, args.output, to=args.to, format=args.format, approximate=args.approximate, overwrite=args.overwrite)
     lines = [f"converted {args.adapter} ({result.inputs[0]['format']} {result.inputs[0]['algo']}) -> {result.saved_to} ({result.format})"]
     lines += [f"warning: {w}" for w in result.warnings]

@@ -30,7 +30,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from oftmerge.config import MergeConfig, RunOptions
     from oftmerge.ops.merge import run_merge
 
-    if diffusion_inputs(args.adapters):
+    if diffusion_inputs(args.adapters, args.to):
         return merge_files(args)
     _refuse_diffusion_options(args)
     require_output(args)
@@ -88,7 +88,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from oftmerge.formats.diffusion import is_diffusion_file
     from oftmerge.ops.convert import convert_adapter
 
-    if is_diffusion_file(args.adapter):
+    if is_diffusion_file(args.adapter) or args.to:
         return convert_file(args)
     _refuse_diffusion_options(args)
     result = convert_adapter(

@@ -44,9 +44,12 @@ from oftmerge.formats.diffusion import (
     diffusion_formats,
     frobenius,
     get_diffusion_format,
+    is_diffusion_file,
     read_diffusion_adapter,
 )
 from oftmerge.formats.io import TensorDict, sha256_file
+from oftmerge.formats.peft_oft import OftAdapter
+from oftmerge.formats.peft_view import peft_as_diffusion
 from oftmerge.kernels.merge import merge_module
 from oftmerge.methods import get_method
 from oftmerge.provenance import library_versions
@@ -132,14 +135,24 @@ class DiffusionMergeResult:
 
 
 def _read_all(paths: Sequence[Any], format: str | None) -> list[DiffusionAdapter]:
+    """Each input as a :class:`DiffusionAdapter`: files by their format, PEFT adapter directories through :func:`peft_as_diffusion`."""
     out = []
     for p in paths:
-        out.append(p if isinstance(p, DiffusionAdapter) else read_diffusion_adapter(p, format=format))
+        if isinstance(p, DiffusionAdapter):
+            out.append(p)
+        elif isinstance(p, OftAdapter) or not is_diffusion_file(p):
+            out.append(peft_as_diffusion(p))
+        else:
+            out.append(read_diffusion_adapter(p, format=format))
     return out
 
 
 def _target(read: Sequence[DiffusionAdapter], to: str | None) -> DiffusionFormat:
     formats = list(dict.fromkeys(a.format for a in read))
+    if to is None and formats == ["peft"]:
+        raise OftMergeError(
+            "the inputs are PEFT adapters: merge them with merge_adapters (oftmerge merge without --to), or pass to= (--to) for a diffusion format"
+        )
     if to is None:
         if len(formats) > 1:
             listing = ", ".join(f"{a.path.name}: {a.format}" for a in read)
