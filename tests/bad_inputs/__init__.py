@@ -89,7 +89,13 @@ def leftovers(root: Path) -> list[str]:
 
 
 def complete(path: Path) -> bool:
-    """An output directory that a reader would take as finished: an adapter or a model with its config."""
+    """An output that a reader would take as finished: an adapter or a model directory with its config, or a readable
+    ``.safetensors`` file with tensors (a diffusion OFT file)."""
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return len(list(f.keys())) > 0
     if not path.is_dir():
         return False
     names = {p.name for p in path.iterdir()}

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from bad_inputs import errors, numerics, outputs, run_case
+from bad_inputs import diffusion, errors, numerics, outputs, run_case
 
-CASES = [*outputs.CASES, *errors.CASES, *numerics.CASES]
+CASES = [*outputs.CASES, *errors.CASES, *numerics.CASES, *diffusion.CASES]
 
 
 def test_the_table_covers_every_class():
     assert len(CASES) >= 60
     assert len({c.id for c in CASES}) == len(CASES), "case ids must be unique"
-    for module in (outputs, errors, numerics):
+    for module in (outputs, errors, numerics, diffusion):
         assert any(c.code == 0 for c in module.CASES) or module is numerics, f"{module.__name__}: needs a good control"
 
 
