@@ -15,11 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import GOLDEN, golden_model
 from oftmerge.errors import IncompatibleAdaptersError
 from oftmerge.formats.diffusion import read_diffusion_adapter
 from oftmerge.kernels.fold import fold_rescaled
 from oftmerge.ops.diffusion import convert_diffusion
+
+from helpers import GOLDEN, golden_model
 
 lycoris = pytest.importorskip("lycoris")
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
