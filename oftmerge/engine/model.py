@@ -14,7 +14,8 @@ which shards a process writes, and the main process finalises::
 
 * Every tensor of the base (:class:`~oftmerge.formats.checkpoint.Checkpoint`: one file,
   sharded, or ``.bin``) is written in the base's order (shard by shard, in file order),
-  cut into shards by :func:`~oftmerge.formats.shards.plan_model`. ``tensor_fn`` must return a
+  cut into shards by :func:`~oftmerge.formats.shards.plan_model`, in files named as the base's
+  (``model*.safetensors``, or ``diffusion_pytorch_model*.safetensors`` for a ``diffusers`` model). ``tensor_fn`` must return a
   tensor of the same shape and dtype (the shard headers are planned from the base); ``None``
   keeps the tensor as it is.
 * ``only`` (a predicate on names, or a collection of names) says which tensors ``tensor_fn``
@@ -60,7 +61,6 @@ from oftmerge.engine.threads import Prefetch
 from oftmerge.errors import OftMergeError
 from oftmerge.formats.checkpoint import Checkpoint, RawTensor
 from oftmerge.formats.shards import (
-    SINGLE_FILE,
     ShardedWriter,
     TensorInfo,
     copy_model_files,
@@ -124,7 +124,8 @@ def write_model(
         wanted = only if callable(only) else set(only).__contains__
     replace = dict(replace or {})
     plan = plan_model(ckpt, shard_size, untie=untie, replace=replace, drop=drop)
-    names = shard_names(len(plan))
+    stem = ckpt.weights_stem  # a diffusers model keeps its file names (diffusion_pytorch_model*.safetensors)
+    names = shard_names(len(plan), stem)
     work = (lambda e: float(e.nbytes)) if cost is None else (lambda e: float(cost(e.name, tuple(e.shape))))
     mine = group.share([sum(work(e) for e in s if wanted(e.name)) * 1e3 + sum(e.nbytes for e in s) for s in plan])
     updates = dict(config_updates or {})
@@ -138,12 +139,12 @@ def write_model(
             part.mkdir()
             # one planned shard alone is cut exactly as in the whole layout, so its header and bytes are the same
             _stream_tensors(ckpt, part, plan[k], tensor_fn, wanted, untie, shard_size, metadata, counted, replace)
-            os.replace(part / SINGLE_FILE, tmp / names[k])
+            os.replace(part / shard_names(1, stem)[0], tmp / names[k])
             part.rmdir()
 
     def finish(tmp: Path) -> None:
         if len(plan) > 1:
-            write_index(tmp, shard_index(plan))
+            write_index(tmp, shard_index(plan, stem), stem)
         copy_model_files(base_dir, tmp, updates)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
@@ -242,7 +243,7 @@ def _stream_tensors(
     order). File I/O and torch release the GIL, so reading, computing and writing proceed together
     while memory holds a few tensors, not a shard.
     """
-    writer = ShardedWriter(tmp, max_shard_bytes=shard_size, metadata=metadata, layout=layout, sync_every=SYNC_EVERY)
+    writer = ShardedWriter(tmp, max_shard_bytes=shard_size, metadata=metadata, layout=layout, sync_every=SYNC_EVERY, stem=ckpt.weights_stem)
 
     replace = replace or {}
 

@@ -1,8 +1,11 @@
-"""Read-only access to a ``transformers`` checkpoint directory, one tensor at a time.
+"""Read-only access to a ``transformers`` (or ``diffusers``) checkpoint directory, one tensor at a time.
 
 Handles a single ``model.safetensors``, sharded safetensors with
 ``model.safetensors.index.json``, and ``pytorch_model.bin`` / its sharded index
-``pytorch_model.bin.index.json`` (unpickled with ``weights_only=True``).
+``pytorch_model.bin.index.json`` (unpickled with ``weights_only=True``); and the same files of a
+``diffusers`` model (``diffusion_pytorch_model.safetensors``, ``diffusion_pytorch_model-00001-of-00002.safetensors``
+with ``diffusion_pytorch_model.safetensors.index.json``, ``.bin``): :attr:`Checkpoint.weights_stem`
+says which, and a model written from it keeps those names.
 
 Besides :meth:`Checkpoint.get` (through ``safe_open``), a safetensors tensor
 can be located on disk without reading it (:meth:`Checkpoint.raw`, a
@@ -38,9 +41,9 @@ import torch
 
 from oftmerge.errors import AdapterFormatError
 from oftmerge.formats.io import _SAFETENSORS_DTYPES, TensorFile, read_json
-from oftmerge.formats.names import NameMap, name_map
+from oftmerge.formats.names import NameMap, is_diffusers_config, name_map
 
-__all__ = ["Checkpoint", "RawTensor", "missing_config_warning", "read_model_config", "read_safetensors_header"]
+__all__ = ["DIFFUSERS_STEM", "Checkpoint", "RawTensor", "is_diffusers_config", "missing_config_warning", "read_model_config", "read_safetensors_header"]
 
 #: Largest header safetensors itself accepts (100 MB).
 _MAX_HEADER = 100_000_000
@@ -94,8 +97,15 @@ def read_safetensors_header(path: str | Path) -> tuple[int, dict]:
         raise AdapterFormatError(f"{path}: not a safetensors file (header is not a JSON object)")
     return 8 + n, header
 
-_SINGLE = ("model.safetensors", "pytorch_model.bin")
-_INDEX = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_SINGLE = ("model.safetensors", "pytorch_model.bin", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+_INDEX = (
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.bin.index.json",
+)
+#: the weights' file stem of a ``diffusers`` model (``ModelMixin.save_pretrained``); ``transformers`` writes ``model``
+DIFFUSERS_STEM = "diffusion_pytorch_model"
 
 
 def read_model_config(path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -185,9 +195,19 @@ class Checkpoint:
                     self._where = {k: name for k in tf.keys()}
                     break
             else:
+                others = sorted(p.name for p in self.path.glob("*.safetensors"))[:3]
                 raise AdapterFormatError(
                     f"{self.path}: no model weights (looked for {', '.join(_SINGLE + _INDEX)})"
+                    + (f"; found {', '.join(others)}: a variant (e.g. .fp16) or renamed file is not read, rename it to one of those" if others else "")
                 )
+        first = name  # the index or the single file found
+        #: file stem of the weights (``model``, or ``diffusion_pytorch_model`` for a ``diffusers`` model): what the output's files are called
+        self.weights_stem = DIFFUSERS_STEM if first.startswith(DIFFUSERS_STEM) else "model"
+
+    @property
+    def is_diffusers(self) -> bool:
+        """Whether this is a ``diffusers`` model directory (its config names ``_class_name``, or its weights are ``diffusion_pytorch_model*``)."""
+        return is_diffusers_config(self.config) or self.weights_stem == DIFFUSERS_STEM
 
     def _open(self, shard: str) -> TensorFile:
         """The shard's :class:`TensorFile`; opening a ``.bin`` shard closes the ``.bin`` shard open before."""

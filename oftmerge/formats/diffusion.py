@@ -45,6 +45,7 @@ __all__ = [
     "DiffusionModule",
     "MergedModule",
     "component_of",
+    "conv_by_base",
     "detect_diffusion_format",
     "diffusion_formats",
     "is_diffusion_file",
@@ -185,6 +186,9 @@ class DiffusionAdapter:
     #: format function: the module's stored tensor (float64) -> effective generator ``(grid blocks, B, B)``
     _effective: Callable[[DiffusionModule, torch.Tensor], torch.Tensor] = field(repr=False, compare=False)
     notes: tuple[str, ...] = ()
+    #: format function: the stored tensor -> the rotation blocks ``D`` the fold applies, where the format builds
+    #: them more directly than ``rotation_map.rotation(generator)`` (BOFT: the product of its stages)
+    _rotation: Callable[[DiffusionModule, torch.Tensor], torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def raw(self, name: str) -> torch.Tensor:
         """Module ``name``'s stored OFT parameter in float64, checked finite."""
@@ -200,6 +204,21 @@ class DiffusionAdapter:
     def generator(self, name: str) -> torch.Tensor:
         """The effective generator ``(blocks, B, B)`` (float64) of module ``name`` in oftmerge's convention (module docstring)."""
         return self._effective(self.modules[name], self.raw(name))
+
+    def fold_rotation(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The rotation blocks ``D`` (float64) to fold into module ``name``'s base ``weight`` (``kernels.fold.fold_rescaled``).
+
+        ``rotation_map.rotation(generator)``, except that a module whose kind the file does not tell
+        (``extra["conv"] is None``: OneTrainer's attention ``proj_in`` / ``proj_out``, 1x1 convolutions
+        in SD 1.x, Linear elsewhere) takes its sign from the base: negated for a 4-D (Conv2d) weight.
+        """
+        mod = self.modules[name]
+        if self._rotation is not None:
+            return self._rotation(mod, self.raw(name))
+        q = self.generator(name)
+        if conv_by_base(mod, weight):
+            q = -q
+        return self.rotation_map.rotation(q)
 
     def rescale(self, name: str) -> torch.Tensor | None:
         """The module's per-output-row scale ``(out,)`` (float64), or None."""
@@ -220,6 +239,11 @@ class DiffusionAdapter:
 
     def describe(self) -> str:
         return f"{self.path} ({self.format} {self.algo})"
+
+
+def conv_by_base(mod: DiffusionModule, weight: torch.Tensor) -> bool:
+    """Whether module ``mod``, read in the Linear convention because its kind was unknown, is a Conv2d of this base (its weight is 4-D)."""
+    return "conv" in mod.extra and mod.extra["conv"] is None and weight.dim() == 4
 
 
 def read_diffusion_adapter(path: str | os.PathLike[str], *, format: str | None = None) -> DiffusionAdapter:

@@ -41,7 +41,7 @@ from oftmerge.formats.diffusion import (
     split_keys,
 )
 from oftmerge.formats.io import TensorDict, TensorFile
-from oftmerge.linalg import RotationMap, finest_block, inverse_cayley, split_blocks
+from oftmerge.linalg import RotationMap, cayley, finest_block, inverse_cayley, split_blocks
 
 __all__ = ["LYCORIS", "boft_transform", "lycoris_rotation"]
 
@@ -73,16 +73,28 @@ def boft_transform(r: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _boft_blocks(mod: DiffusionModule, raw: torch.Tensor) -> torch.Tensor:
+    """The diagonal blocks ``(n, B, B)`` of ``T`` with ``W' = T W``: a BOFT module's stages multiplied out."""
+    r = lycoris_rotation(mod, raw)
+    out = mod.features
+    t = boft_transform(r, torch.eye(out, dtype=r.dtype))  # T is block-diagonal, blocks of B rows
+    big = mod.grid_block
+    n = out // big
+    return t.reshape(n, big, n, big).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+def _rotation(mod: DiffusionModule, raw: torch.Tensor) -> torch.Tensor:
+    """The fold's ``D`` (``W' = D^T W``) straight from the stages, for any BOFT rotation (also outside the Cayley domain)."""
+    if raw.dim() == 3:  # a diag-oft module in a file that also has BOFT ones
+        return cayley(_effective(mod, raw))
+    return _boft_blocks(mod, raw).transpose(-1, -2)
+
+
 def _effective(mod: DiffusionModule, raw: torch.Tensor) -> torch.Tensor:
     if mod.stages == 1 and raw.dim() == 3:
         q = _skew(raw)
         return -(q * clamp_factor(frobenius(q), mod.constraint))
-    r = lycoris_rotation(mod, raw)
-    out = mod.features
-    t = boft_transform(r, torch.eye(out, dtype=r.dtype))  # W' = T W: T is block-diagonal, blocks of B rows
-    big = mod.grid_block
-    n = out // big
-    blocks = t.reshape(n, big, n, big).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    blocks = _boft_blocks(mod, raw)
     try:
         return -inverse_cayley(blocks)
     except ValueError as exc:
@@ -184,6 +196,7 @@ class LycorisFormat:
             _source=source,
             _effective=_effective,
             notes=notes,
+            _rotation=_rotation if "boft" in algos else None,
         )
 
     def check_writable(self, modules: Sequence[MergedModule], where: str) -> None:

@@ -25,7 +25,8 @@ loader's key order) on a checkpoint's keys, with the transforms of the class its
   with the reason, and are not mapped; folding them tensor by tensor is refused.
 * The map is the identity when ``transformers`` is not installed or has no conversion mapping
   (before 5.0), when there is no ``config.json`` or it names no class ``transformers`` has
-  (custom code), or when the model cannot be built; :attr:`NameMap.how` says which.
+  (custom code), when it is a ``diffusers`` model's (``_class_name``: ``diffusers`` keeps the
+  checkpoint's names), or when the model cannot be built; :attr:`NameMap.how` says which.
 
 ``transformers`` is imported only here and only when a map is asked for; maps are cached per
 process by the config and the key set.
@@ -43,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["NameMap", "identity_map", "meta_model", "name_map"]
+__all__ = ["NameMap", "identity_map", "is_diffusers_config", "meta_model", "name_map"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,15 @@ class NameMap:
     def renamed(self) -> bool:
         """Whether any name differs between the checkpoint and the model (or a converter builds one)."""
         return bool(self.converted) or any(k != v for k, v in self.to_model.items())
+
+
+def is_diffusers_config(config: Any) -> bool:
+    """Whether a ``config.json`` (as a dict) is a ``diffusers`` model's: it names the class in ``_class_name``, not ``architectures``.
+
+    >>> is_diffusers_config({"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.42.1"})
+    True
+    """
+    return isinstance(config, dict) and isinstance(config.get("_class_name"), str) and not config.get("architectures")
 
 
 def identity_map(keys: Iterable[str], how: str = "identity") -> NameMap:
@@ -91,6 +101,8 @@ def _cached_map(directory: str, config_text: str, keys: tuple[str, ...]) -> Name
         config = json.loads(config_text)
     except json.JSONDecodeError:
         return identity_map(keys, "identity (config.json is not JSON)")
+    if is_diffusers_config(config):
+        return identity_map(keys, f"identity (a diffusers {config['_class_name']}: diffusers loads the checkpoint's names as they are)")
     architectures = config.get("architectures") if isinstance(config, dict) else None
     if not architectures or not isinstance(architectures[0], str):
         return identity_map(keys, "identity (config.json names no architecture)")

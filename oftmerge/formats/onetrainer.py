@@ -68,7 +68,7 @@ from typing import Any, Literal
 import torch
 
 from oftmerge.errors import AdapterFormatError, IncompatibleAdaptersError
-from oftmerge.formats.diffusion import DiffusionAdapter, DiffusionModule, MergedModule, register_diffusion_format, split_keys
+from oftmerge.formats.diffusion import DiffusionAdapter, DiffusionModule, MergedModule, conv_by_base, register_diffusion_format, split_keys
 from oftmerge.formats.io import TensorDict, TensorFile
 from oftmerge.linalg import RotationMap
 
@@ -118,9 +118,7 @@ def base_generator(mod: DiffusionModule, generator: torch.Tensor, weight: torch.
     ``proj_in`` / ``proj_out``, 1x1 convolutions in SD 1.x) change; every other module, of any
     format, keeps ``generator``.
     """
-    if "conv" in mod.extra and mod.extra["conv"] is None and weight.dim() == 4:
-        return -generator
-    return generator
+    return -generator if conv_by_base(mod, weight) else generator
 
 
 def _indices(b: int) -> tuple[torch.Tensor, torch.Tensor]:

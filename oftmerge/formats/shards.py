@@ -1,4 +1,4 @@
-"""The ``transformers`` checkpoint layout: sharded safetensors, the index, tied embeddings, copied files.
+"""The ``transformers`` checkpoint layout: sharded safetensors, the index, tied embeddings, copied files (``diffusers``' too).
 
 :class:`ShardedWriter` writes tensors into a directory, one at a time, deterministically (the same
 tensors in the same order give the same bytes)::
@@ -16,7 +16,8 @@ tensors in the same order give the same bytes)::
   (``{"metadata": {"total_size", "total_parameters"}, "weight_map": {...}}``), or a single
   ``model.safetensors`` and no index when everything fits in one shard. Shards are written
   under temporary names (``.shard-00001.tmp``) and renamed by :meth:`~ShardedWriter.close`,
-  which is when the count is known.
+  which is when the count is known. ``stem="diffusion_pytorch_model"`` gives ``diffusers``' names
+  (``diffusion_pytorch_model-00001-of-0000N.safetensors``, ``diffusion_pytorch_model.safetensors.index.json``).
 * A shard is cut *before* a tensor that would take it past ``max_shard_bytes``
   (tensor bytes only, headers not counted, as in ``transformers``); a tensor
   larger than the limit gets a shard of its own.
@@ -53,13 +54,14 @@ import torch
 
 from oftmerge.errors import OftMergeError
 from oftmerge.formats.checkpoint import Checkpoint, RawTensor, read_model_config
-from oftmerge.formats.names import meta_model
+from oftmerge.formats.names import is_diffusers_config, meta_model
 
 __all__ = [
     "MAX_COPIED_FILE_BYTES",
     "ShardedWriter",
     "TensorInfo",
     "copy_model_files",
+    "is_weight_file",
     "parse_size",
     "plan_model",
     "shard_index",
@@ -78,7 +80,13 @@ MAX_COPIED_FILE_BYTES = 256 * 2**20
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
-_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "tf_model.h5.index.json")
+_WEIGHT_INDEXES = (
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+    "tf_model.h5.index.json",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.bin.index.json",
+)
 
 _DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -197,14 +205,17 @@ def _copy_raw(f: BinaryIO, raw: RawTensor) -> None:
 
 
 
-def shard_names(count: int) -> list[str]:
-    """File names of ``count`` shards: ``model.safetensors`` alone, else ``model-0000k-of-0000N.safetensors``."""
-    return [SINGLE_FILE] if count == 1 else [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
+def shard_names(count: int, stem: str = "model") -> list[str]:
+    """File names of ``count`` shards: ``model.safetensors`` alone, else ``model-0000k-of-0000N.safetensors``.
+
+    ``stem`` is ``model`` for ``transformers``, ``diffusion_pytorch_model`` for ``diffusers`` (same pattern).
+    """
+    return [f"{stem}.safetensors"] if count == 1 else [f"{stem}-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
 
 
-def shard_index(shards: Sequence[Sequence[TensorInfo]]) -> dict[str, Any]:
-    """The ``model.safetensors.index.json`` content of these shards (``transformers``' layout)."""
-    names = shard_names(len(shards))
+def shard_index(shards: Sequence[Sequence[TensorInfo]], stem: str = "model") -> dict[str, Any]:
+    """The ``model.safetensors.index.json`` content of these shards (``transformers``' layout, also ``diffusers``')."""
+    names = shard_names(len(shards), stem)
     weight_map = {e.name: names[k] for k, shard in enumerate(shards) for e in shard}
     return {
         "metadata": {
@@ -215,8 +226,8 @@ def shard_index(shards: Sequence[Sequence[TensorInfo]]) -> dict[str, Any]:
     }
 
 
-def write_index(directory: Path, index: Mapping[str, Any]) -> None:
-    with open(directory / INDEX_FILE, "w", encoding="utf-8") as f:
+def write_index(directory: Path, index: Mapping[str, Any], stem: str = "model") -> None:
+    with open(directory / f"{stem}.safetensors.index.json", "w", encoding="utf-8") as f:
         f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
@@ -245,6 +256,7 @@ class ShardedWriter:
             with it, nothing is buffered.
         sync_every: in planned mode, flush a shard to disk (``fdatasync``)
             each time this many bytes were written to it.
+        stem: the files' stem: ``model`` (``transformers``), ``diffusion_pytorch_model`` (``diffusers``).
     """
 
     def __init__(
@@ -255,8 +267,10 @@ class ShardedWriter:
         metadata: Mapping[str, str] | None = None,
         layout: Sequence[TensorInfo] | None = None,
         sync_every: int | None = None,
+        stem: str = "model",
     ):
         self.directory = Path(directory)
+        self.stem = stem
         self.sync_every = sync_every
         self._unsynced = 0
         if not self.directory.is_dir():
@@ -364,12 +378,12 @@ class ShardedWriter:
         elif self._pending or not self._done:
             self._flush()
         self._closed = True
-        names = shard_names(len(self._done))
+        names = shard_names(len(self._done), self.stem)
         for k, final in enumerate(names):
             os.replace(self._temp_name(k), self.directory / final)
-        index = shard_index(self._done)
+        index = shard_index(self._done, self.stem)
         if len(names) > 1:
-            write_index(self.directory, index)
+            write_index(self.directory, index, self.stem)
         return index
 
     def abort(self) -> None:
@@ -418,7 +432,7 @@ def _config(base_dir: Path) -> dict[str, Any]:
 
 
 def _ties_embeddings(config: Mapping[str, Any]) -> bool:
-    if not config:  # no config.json: not a transformers model, nothing to tie
+    if not config or is_diffusers_config(config):  # no config.json, or a diffusers model's: not a transformers model, nothing to tie
         return False
     text = config.get("text_config")
     if "tie_word_embeddings" in config:
@@ -520,7 +534,8 @@ def tied_shapes(
     return shapes
 
 
-def _is_weight_file(name: str) -> bool:
+def is_weight_file(name: str) -> bool:
+    """Whether a file of a model directory holds weights (any format) or indexes them: not copied into a model written from it."""
     return name.endswith(_WEIGHT_SUFFIXES) or name in _WEIGHT_INDEXES
 
 
@@ -537,7 +552,7 @@ def copy_model_files(base_dir: Path, tmp: Path, config_updates: Mapping[str, Any
     """Copy the base's non-weight files (config, tokenizer, ...) into ``tmp``, ``config_updates`` set in ``config.json``."""
     copied = []
     for src in sorted(base_dir.iterdir()):
-        if src.name.startswith(".") or not src.is_file() or _is_weight_file(src.name):
+        if src.name.startswith(".") or not src.is_file() or is_weight_file(src.name):
             continue
         size = src.stat().st_size
         if size > MAX_COPIED_FILE_BYTES:

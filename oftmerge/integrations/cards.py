@@ -106,7 +106,7 @@ def folded_model_card(result: FoldResult) -> str:
     meta = {
         "base_model": base_id,
         "base_model_relation": "finetune" if base_id else None,
-        "library_name": "transformers",
+        "library_name": "diffusers" if base.get("library") == "diffusers" else "transformers",
         "tags": ["oftmerge", "oft", "folded"] + ([source["method"]] if merged else []),
         "oftmerge": {
             **what,
@@ -130,7 +130,8 @@ def folded_model_card(result: FoldResult) -> str:
     lines += ["", *_inputs_table(inputs), ""]
     lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in sorted(prov["versions"].items())))
     lines += [f"- warning: {w}" for w in prov["warnings"]]
-    lines += ["", "Load it with `AutoModelForCausalLM.from_pretrained(this_directory)` (no PEFT needed)."]
+    loader = f"diffusers.{base['class_name']}" if base.get("library") == "diffusers" else "AutoModelForCausalLM"
+    lines += ["", f"Load it with `{loader}.from_pretrained(this_directory)` (no PEFT needed)."]
     return _render(meta, "\n".join(lines) + "\n")
 
 

@@ -22,7 +22,7 @@ from oftmerge.formats.peft_oft import RELEASES, OftAdapter, in_saved_module
 from oftmerge.formats.shards import TensorInfo, plan_model, tie_groups, tied_embeddings, tied_shapes
 from oftmerge.formats.sources import ResolvedSource, configured_base, describe_source, resolve_source, source_record
 
-__all__ = ["FoldPlan", "base_key", "fold_base", "plan_fold", "saved_keys"]
+__all__ = ["FoldPlan", "base_key", "describe_base", "fold_base", "plan_fold", "saved_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def plan_fold(config: Any, shard_size: int | str = "5GB", *, dry_run: bool = Fal
         untie=untie,
         shards=tuple(tuple(s) for s in shards),
         shard_size=shard_size,
-        base_info=_describe_base(base, ckpt, config.hash_base and not dry_run, source_record(base_source)),
+        base_info=describe_base(base, ckpt, config.hash_base and not dry_run, source_record(base_source)),
         warnings=tuple(warnings),
         inputs=tuple(inputs),
     )
@@ -358,7 +358,7 @@ def _labels_for(base: Path, task: str, shapes: Mapping[str, tuple[int, ...]]) ->
     return None
 
 
-def _describe_base(base: Path, ckpt: Checkpoint, hash_base: bool, hub: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def describe_base(base: Path, ckpt: Checkpoint, hash_base: bool, hub: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Name and identity of the base: a fingerprint of its tensor headers, and with ``hash_base`` the files' SHA-256."""
     config = ckpt.config or {}
     fp = hashlib.sha256()
@@ -370,6 +370,8 @@ def _describe_base(base: Path, ckpt: Checkpoint, hash_base: bool, hub: Mapping[s
         "architectures": config.get("architectures"),
         "tensors_fingerprint": fp.hexdigest(),
     }
+    if ckpt.is_diffusers:  # a diffusers model (a U-Net, a transformer): its class, as its config names it
+        info.update(library="diffusers", class_name=config.get("_class_name"))
     if hash_base:
         info["sha256"] = {shard: sha256_file(base / shard) for shard in ckpt.shards}
     if hub:  # a Hub base: the repository and the commit of the snapshot read
