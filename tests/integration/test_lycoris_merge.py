@@ -280,3 +280,59 @@ def test_inspect_reports_clamp_and_cosines(tmp_path: Path) -> None:
     assert all(m["clamped"] for m in mods) and all(math.isclose(m["q_norm"], m["constraint"], rel_tol=1e-6) for m in mods)
     assert report["files"][1]["modules"][0]["rescale"] is not None
     assert report["cosine"][0][0] == pytest.approx(1.0) and -1.0 <= report["cosine"][0][1] <= 1.0
+
+
+def _module_folds(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    a = read_diffusion_adapter(path)
+    base = _base()
+    out = {}
+    for name, m in a.modules.items():
+        w = base[name.removeprefix(prefix) + ".weight"]
+        out[name] = fold_rescaled(w, a.fold_rotation(name, w), m.spec(a.side), a.rescale(name))
+    return out
+
+
+def test_mixed_formats_merge_with_to(tmp_path: Path) -> None:
+    l1 = _renamed(_make(tmp_path, "diag-oft", 15), tmp_path / "l1.safetensors", "lora_unet_")
+    l2 = _renamed(_make(tmp_path, "diag-oft", 16, constraint=2e-3), tmp_path / "l2.safetensors", "lora_unet_")
+    k2 = convert_diffusion(l2, tmp_path / "k2.safetensors", to="kohya").saved_to
+    assert k2 is not None
+    direct = merge_diffusion([l1, l2], out=tmp_path / "direct.safetensors")
+    mixed = merge_diffusion([l1, k2], to="lycoris", out=tmp_path / "mixed.safetensors")
+    assert mixed.format == "lycoris" and direct.saved_to and mixed.saved_to
+    x, y = _module_folds(direct.saved_to, "lora_unet_"), _module_folds(mixed.saved_to, "lora_unet_")
+    assert max(float((x[n] - y[n]).abs().max()) for n in x) < 1e-6
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "onetrainer"])
+def test_single_input_reproduces_its_function_in_other_formats(tmp_path: Path, fmt: str) -> None:
+    if fmt == "kohya":
+        src = convert_diffusion(_renamed(_make(tmp_path, "diag-oft", 17, constraint=1e-3), tmp_path / "u.safetensors", "lora_unet_"),
+                                tmp_path / "src.safetensors", to="kohya").saved_to  # fmt: skip
+    else:
+        from safetensors.torch import save_file
+
+        g = torch.Generator().manual_seed(18)
+        src = tmp_path / "src.safetensors"
+        save_file({"lora_unet_a.oft_R.weight": torch.randn(6, 10, generator=g) * 0.05, "lora_unet_b.oft_R.weight": torch.randn(8, 6, generator=g) * 0.05,
+                   "lora_unet_b.oft_R.scaled_oft": torch.tensor(True)}, str(src))  # fmt: skip
+    assert src is not None
+    out = merge_diffusion([src], out=tmp_path / "alone.safetensors").saved_to
+    assert out is not None and read_diffusion_adapter(out).format == fmt
+    a, b = read_diffusion_adapter(src), read_diffusion_adapter(out)
+    for name in a.modules:
+        assert torch.allclose(a.generator(name), b.generator(name), atol=1e-7)
+
+
+def test_written_alpha_is_above_every_loaders_clamp(tmp_path: Path) -> None:
+    """LyCORIS / A1111 clamp ||Q|| to alpha * out, ComfyUI to alpha: the written alpha must exceed ||Q|| of the stored blocks."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "m.safetensors"
+    merge_diffusion([_make(tmp_path, "diag-oft", 19, amount=0.5), _make(tmp_path, "diag-oft", 20, amount=0.5)], out=out)
+    tensors = load_file(str(out))
+    for key, blocks in tensors.items():
+        if key.endswith(".oft_blocks"):
+            q = blocks.double() - blocks.double().transpose(-1, -2)
+            alpha = float(tensors[key.replace(".oft_blocks", ".alpha")])
+            assert float(q.norm()) < alpha < float(q.norm()) * 1.001 + 1e-5
