@@ -117,6 +117,20 @@ def load_peft(path: Path, model_seed: int = 0):
 
 # -- tiny Llama checkpoints (folding) -----------------------------------------------------------------
 
+#: a tiny diffusers UNet2DConditionModel: Linear attention layers, 1x1 proj_in/proj_out and 3x3 resnet convs
+TINY_UNET = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    cross_attention_dim=32,
+    norm_num_groups=8,
+    sample_size=8,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=8,
+    in_channels=4,
+    out_channels=4,
+)
+
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head", "embed_tokens"]
 LLAMA_IDS = torch.tensor([[1, 5, 77, 299, 3, 150, 42, 8], [9, 0, 250, 13, 64, 199, 7, 101]])
 

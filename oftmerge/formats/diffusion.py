@@ -32,7 +32,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from oftmerge.errors import AdapterFormatError, NumericalError
+from oftmerge.errors import AdapterFormatError, IncompatibleAdaptersError, NumericalError
 from oftmerge.formats.io import TensorDict, TensorFile, content_hash
 from oftmerge.formats.peft_oft import ModuleSpec
 from oftmerge.linalg import RotationMap
@@ -50,6 +50,7 @@ __all__ = [
     "diffusion_formats",
     "is_diffusion_file",
     "read_diffusion_adapter",
+    "refuse_unheld",
     "register_diffusion_format",
     "safe_alpha",
 ]
@@ -289,6 +290,15 @@ def split_keys(path: Path, keys: Sequence[str], known: Mapping[str, str]) -> dic
                 f"{path}: unknown tensor {key!r} (expected keys ending in {', '.join(known)}); the file mixes another adapter type in, or is not OFT"
             )
     return out
+
+
+def refuse_unheld(modules: Sequence[MergedModule], where: str, *, prefixes: tuple[str, ...], names: str, tool: str, instead: str) -> None:
+    """Refuse, in one line, modules a format cannot hold: a name without one of ``prefixes``, or a rescale vector that is not ones."""
+    for m in modules:
+        if not m.name.startswith(prefixes):
+            raise IncompatibleAdaptersError(f"{where}: module {m.name!r} {names}; {instead}")
+        if m.rescale is not None and not bool(torch.all(m.rescale == 1)):
+            raise IncompatibleAdaptersError(f"{where}: module {m.name!r} has a rescale vector; {tool} has none ({instead})")
 
 
 def clamp_factor(norm: float, constraint: float | None) -> float:

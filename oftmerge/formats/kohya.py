@@ -28,8 +28,17 @@ from typing import Literal
 
 import torch
 
-from oftmerge.errors import AdapterFormatError, IncompatibleAdaptersError
-from oftmerge.formats.diffusion import DiffusionAdapter, DiffusionModule, MergedModule, frobenius, register_diffusion_format, safe_alpha, split_keys
+from oftmerge.errors import AdapterFormatError
+from oftmerge.formats.diffusion import (
+    DiffusionAdapter,
+    DiffusionModule,
+    MergedModule,
+    frobenius,
+    refuse_unheld,
+    register_diffusion_format,
+    safe_alpha,
+    split_keys,
+)
 from oftmerge.formats.io import TensorDict, TensorFile
 from oftmerge.linalg import RotationMap, regrid_blocks
 
@@ -109,13 +118,10 @@ class KohyaFormat:
         )  # fmt: skip
 
     def check_writable(self, modules: Sequence[MergedModule], where: str) -> None:
-        for m in modules:
-            if not m.name.startswith(CANONICAL):
-                raise IncompatibleAdaptersError(
-                    f"{where}: module {m.name!r} is not a U-Net module; sd-scripts' OFT files hold U-Net modules only (write --to lycoris instead)"
-                )
-            if m.rescale is not None and not bool(torch.all(m.rescale == 1)):
-                raise IncompatibleAdaptersError(f"{where}: module {m.name!r} has a rescale vector; sd-scripts' OFT has none (write --to lycoris instead)")
+        refuse_unheld(
+            modules, where, prefixes=(CANONICAL,), names="is not a U-Net module (sd-scripts' OFT files hold U-Net modules only)",
+            tool="sd-scripts' OFT", instead="write --to lycoris instead",
+        )  # fmt: skip
 
     def write_tensors(self, modules: Sequence[MergedModule], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         dim = math.gcd(*(m.generator.shape[0] for m in modules)) if modules else 1

@@ -68,7 +68,7 @@ from typing import Any, Literal
 import torch
 
 from oftmerge.errors import AdapterFormatError, IncompatibleAdaptersError
-from oftmerge.formats.diffusion import DiffusionAdapter, DiffusionModule, MergedModule, conv_by_base, register_diffusion_format, split_keys
+from oftmerge.formats.diffusion import DiffusionAdapter, DiffusionModule, MergedModule, conv_by_base, refuse_unheld, register_diffusion_format, split_keys
 from oftmerge.formats.io import TensorDict, TensorFile
 from oftmerge.linalg import RotationMap
 
@@ -298,15 +298,11 @@ class OneTrainerFormat:
         )  # fmt: skip
 
     def check_writable(self, modules: Sequence[MergedModule], where: str) -> None:
+        refuse_unheld(
+            modules, where, prefixes=PREFIXES, names="has no OneTrainer name (lora_unet_ / lora_te_ / lora_te1_ / lora_te2_)", tool="OneTrainer's OFT",
+            instead="write --to lycoris, or fold it into the model: oftmerge fold --base MODEL",
+        )  # fmt: skip
         for m in modules:
-            if not m.name.startswith(PREFIXES):
-                raise IncompatibleAdaptersError(
-                    f"{where}: module {m.name!r} has no OneTrainer name (lora_unet_ / lora_te_ / lora_te1_ / lora_te2_); write --to lycoris instead"
-                )
-            if m.rescale is not None and not bool(torch.all(m.rescale == 1)):
-                raise IncompatibleAdaptersError(
-                    f"{where}: module {m.name!r} has a rescale vector; OneTrainer's OFT has none (fold it into the model instead: oftmerge fold --base MODEL)"
-                )
             g = m.generator
             if g.dim() != 3 or g.shape[1] != g.shape[2]:
                 raise IncompatibleAdaptersError(f"{where}: module {m.name!r} has generator blocks of shape {tuple(g.shape)}; OneTrainer stores square blocks")

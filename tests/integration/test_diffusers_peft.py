@@ -13,21 +13,11 @@ import json
 import pytest
 import torch
 
+from helpers import TINY_UNET as UNET
+
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-UNET = dict(
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    cross_attention_dim=32,
-    norm_num_groups=8,
-    sample_size=8,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    attention_head_dim=8,
-    in_channels=4,
-    out_channels=4,
-)
 LINEAR_AND_1X1 = ["to_q", "to_k", "to_v", "to_out.0", "proj_in"]  # proj_in: a 1x1 Conv2d (use_linear_projection=False)
 WITH_3X3 = [*LINEAR_AND_1X1, "down_blocks.0.resnets.0.conv1"]
 

@@ -27,20 +27,10 @@ from oftmerge.errors import IncompatibleAdaptersError  # noqa: E402
 from oftmerge.formats.diffusion import read_diffusion_adapter  # noqa: E402
 from oftmerge.ops.diffusion_fold import fold_diffusion  # noqa: E402
 
+from helpers import TINY_UNET as UNET  # noqa: E402
+
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
 
-UNET = dict(
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    cross_attention_dim=32,
-    norm_num_groups=8,
-    sample_size=8,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    attention_head_dim=8,
-    in_channels=4,
-    out_channels=4,
-)
 #: an SDXL-shaped U-Net (two layers per block, text_time added conditioning, linear projections), tiny
 SDXL_UNET = dict(
     block_out_channels=(32, 64, 64),
