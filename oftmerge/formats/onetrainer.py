@@ -70,9 +70,9 @@ import torch
 from oftmerge.errors import AdapterFormatError, IncompatibleAdaptersError
 from oftmerge.formats.diffusion import DiffusionAdapter, DiffusionModule, MergedModule, conv_by_base, refuse_unheld, register_diffusion_format, split_keys
 from oftmerge.formats.io import TensorDict, TensorFile
-from oftmerge.linalg import RotationMap
+from oftmerge.linalg import RotationMap, pack_skew, unpack_skew
 
-__all__ = ["ONETRAINER", "base_generator", "conv_kind", "pack_upper", "skew_from_upper"]
+__all__ = ["ONETRAINER", "base_generator", "conv_kind"]
 
 #: OneTrainer's series: Cayley-Neumann, 5 terms (``OFTModule.initialize_weights``), PEFT 0.18's form
 TERMS = 5
@@ -121,25 +121,6 @@ def base_generator(mod: DiffusionModule, generator: torch.Tensor, weight: torch.
     return -generator if conv_by_base(mod, weight) else generator
 
 
-def _indices(b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = torch.triu_indices(b, b, 1)
-    return rows, cols
-
-
-def skew_from_upper(vec: torch.Tensor, b: int) -> torch.Tensor:
-    """``(r, b(b-1)/2)`` packed strict upper triangles -> skew blocks ``(r, b, b)`` (``U - U^T``, as ``OFTRotationModule``)."""
-    rows, cols = _indices(b)
-    m = torch.zeros(vec.shape[0], b, b, dtype=vec.dtype)
-    m[:, rows, cols] = vec
-    return m - m.transpose(-1, -2)
-
-
-def pack_upper(q: torch.Tensor) -> torch.Tensor:
-    """Skew blocks ``(r, b, b)`` -> their packed strict upper triangles ``(r, b(b-1)/2)``."""
-    rows, cols = _indices(q.shape[-1])
-    return q[:, rows, cols]
-
-
 def _block_size(n: int) -> int | None:
     b = int(round((1 + math.sqrt(1 + 8 * n)) / 2))
     return b if b * (b - 1) // 2 == n else None
@@ -169,8 +150,7 @@ def _proj_is_conv(metadata: Mapping[str, str]) -> bool | None:
 
 
 def _effective(mod: DiffusionModule, raw: torch.Tensor) -> torch.Tensor:
-    b = mod.block_size
-    q = skew_from_upper(raw, b) / float(mod.extra.get("divisor", 1.0))
+    q = unpack_skew(raw) / float(mod.extra.get("divisor", 1.0))
     clip = mod.extra.get("clip")
     if clip is not None and q.numel():
         sigma = float(torch.linalg.matrix_norm(q, ord=2).max())
@@ -314,7 +294,7 @@ class OneTrainerFormat:
         out: dict[str, torch.Tensor] = {}
         for m in modules:
             g = -m.generator if conv_kind(m.name) is True else m.generator
-            out[f"{m.name}.oft_R.weight"] = pack_upper(g.to(torch.float64)).to(dtype).contiguous()
+            out[f"{m.name}.oft_R.weight"] = pack_skew(g.to(torch.float64)).to(dtype).contiguous()
         return out
 
 
