@@ -56,7 +56,7 @@ def merge_files(args: argparse.Namespace) -> int:
     require_output(args)
     result = merge_diffusion(
         args.adapters, method=args.method, weights=parse_weights(args.weights), scale=args.scale, method_options=parse_options(args.option),
-        to=args.to, format=args.format, rescale=args.rescale, approximate=args.approximate, threads=args.threads,
+        to=args.to, format=args.format, rescale=args.rescale, approximate=args.approximate, union=args.union, threads=args.threads,
     )  # fmt: skip
     folded: Any = None
     if not args.dry_run:

@@ -65,6 +65,8 @@ def _refuse_diffusion_options(args: argparse.Namespace) -> None:
     for attr, flag in (("to", "--to"), ("format", "--format")):
         if getattr(args, attr, None):
             raise OftMergeError(f"{flag} applies to diffusion OFT files (.safetensors); PEFT adapter directories are read and written as PEFT")
+    if getattr(args, "union", False):
+        raise OftMergeError("--union applies to diffusion OFT files; PEFT adapters are always merged over the union of their modules")
     if getattr(args, "rescale", "geometric") != "geometric":
         raise OftMergeError("--rescale applies to LyCORIS files with rescale vectors, not to PEFT adapters")
 
@@ -79,6 +81,8 @@ def _add_diffusion_arguments(p: argparse.ArgumentParser, *, merge: bool) -> None
     if merge:
         from oftmerge.ops.diffusion import RESCALE_MERGES
 
+        p.add_argument("--union", action="store_true", help="diffusion files: merge every module among the inputs that adapt it "
+                       "(default: the inputs must adapt the same modules)")
         p.add_argument("--rescale", default="geometric", choices=RESCALE_MERGES,
                        help="LyCORIS rescale vectors: |weight|-weighted geometric (default) or arithmetic mean")  # fmt: skip
 

@@ -9,7 +9,8 @@ accounted for), and written back in the inputs' format (or ``to``) so that the t
 file applies the merged generator unchanged (no clamp reaches it). ``docs/diffusion.md`` is the
 user's page; the rules:
 
-* all inputs adapt the same modules (a file with more or fewer modules is refused in one line);
+* all inputs adapt the same modules (a file with more or fewer modules is refused in one line), or
+  with ``union`` each module is merged among the inputs that adapt it (one alone keeps its generator);
 * block grids may differ: a module is merged on the finest grid all inputs' rotations fit (the
   least common multiple of their block sizes), exactly as PEFT adapters are;
 * ``rescale`` vectors (LyCORIS) are merged as the ``|weight|``-weighted **geometric** mean (an input
@@ -182,7 +183,10 @@ def _check_compatible(read: Sequence[DiffusionAdapter], fmt: DiffusionFormat, ap
     return notes
 
 
-def _check_modules(read: Sequence[DiffusionAdapter]) -> list[str]:
+def _check_modules(read: Sequence[DiffusionAdapter], union: bool) -> list[str]:
+    """The modules to merge: every input's (refused when they differ), or with ``union`` all of them."""
+    if union:
+        return list(dict.fromkeys(n for a in read for n in a.modules))
     names = list(read[0].modules)
     first = set(names)
     for a in read[1:]:
@@ -196,8 +200,8 @@ def _check_modules(read: Sequence[DiffusionAdapter]) -> list[str]:
                 ) if part
             )  # fmt: skip
             raise IncompatibleAdaptersError(
-                f"{a.path}: adapts other modules than {read[0].path} ({detail}); diffusion OFT files are merged only when they adapt the same "
-                "modules (were they trained on another model, or with other target modules / a text encoder?)"
+                f"{a.path}: adapts other modules than {read[0].path} ({detail}); were they trained on another model, or with other target "
+                "modules / a text encoder? Pass --union to merge every module among the inputs that adapt it"
             )
     return names
 
@@ -281,6 +285,7 @@ def merge_diffusion(
     format: str | None = None,
     rescale: str = "geometric",
     approximate: bool = False,
+    union: bool = False,
     out: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     threads: int | None = 1,
@@ -294,7 +299,7 @@ def merge_diffusion(
     read = _read_all(inputs, format)
     fmt = _target(read, to)
     warnings = [n for a in read for n in a.notes] + _check_compatible(read, fmt, approximate)
-    names = _check_modules(read)
+    names = _check_modules(read, union)
     w = _weights(weights, len(read))
     meth = get_method(method)
     options = meth.resolve_options(dict(method_options or {}))
@@ -303,18 +308,20 @@ def merge_diffusion(
     records: dict[str, ModuleRecord] = {}
     with torch_threads(threads):
         for name in names:
-            mods = [a.modules[name] for a in read]
-            width, block = _grid(name, mods, [a.path for a in read])
+            have = [i for i, a in enumerate(read) if name in a.modules]  # all inputs, unless union: those that adapt it
+            ins, wi = [read[i] for i in have], [w[i] for i in have]
+            mods = [a.modules[name] for a in ins]
+            width, block = _grid(name, mods, [a.path for a in ins])
             result = merge_module(
-                name, [a.generator(name) for a in read], [m.spec(a.side) for a, m in zip(read, mods)], [a.rotation_map.sign for a in read],
-                w, meth, options, block=block, shared=False, features=width, packed=False, out_sign=out_sign, scale=scale,
+                name, [a.generator(name) for a in ins], [m.spec(a.side) for a, m in zip(ins, mods)], [a.rotation_map.sign for a in ins],
+                wi, meth, options, block=block, shared=False, features=width, packed=False, out_sign=out_sign, scale=scale,
             )  # fmt: skip
-            vec, shape = _merged_rescale(read, name, w, rescale, scale)
+            vec, shape = _merged_rescale(ins, name, wi, rescale, scale)
             merged.append(MergedModule(name, result.stored, vec, shape))
             records[name] = ModuleRecord(name, tuple(m.grid_block for m in mods), block, result.input_norms, result.merged_norm, vec is not None)
     where = f"the {operation} of {', '.join(str(a.path) for a in read)}"
     fmt.check_writable(merged, where)
-    dtypes = {a.dtype(n) for a in read for n in names[:1]}
+    dtypes = {a.dtype(n) for a in read for n in list(a.modules)[:1]}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     tensors = fmt.write_tensors(merged, dtype)
     if any(a.algo == "boft" for a in read):
@@ -329,7 +336,7 @@ def merge_diffusion(
         format=fmt.name, inputs=inputs_record, method="convert" if operation == "convert" else meth.name, options=options, weights=w, scale=scale,
         modules=records, merged=merged, tensors=tensors, metadata={}, warnings=warnings,
     )  # fmt: skip
-    result_obj.metadata = _metadata(read, {**result_obj.provenance(), "rescale": rescale})
+    result_obj.metadata = _metadata(read, {**result_obj.provenance(), "rescale": rescale, "modules": "union" if union else "same"})
     if out is not None:
         result_obj.save(out, overwrite=overwrite)
     return result_obj
