@@ -8,7 +8,7 @@ import argparse
 def _cmd_demo(args: argparse.Namespace) -> int:
     from oftmerge.demo.run import run_demo
 
-    run_demo(args.adapters, out_dir=args.out, n_per_task=args.n, methods=args.methods)
+    run_demo(args.adapters, out_dir=args.out, n_per_task=args.n, methods=args.methods, parts=args.only or ("llm", "diffusion"))
     return 0
 
 
@@ -25,4 +25,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="keep the merged adapters here (default: a temporary directory)")
     p.add_argument("-n", type=int, default=200, help="test prompts per task (default: %(default)s)")
     p.add_argument("--methods", nargs="+", help="merge methods to compare (default: orthomerge mean_q sequential)")
+    p.add_argument("--only", nargs="+", choices=("llm", "diffusion"),
+                   help="run only these parts: the tiny Llama's PEFT experts (llm), the tiny U-Net's LyCORIS and PEFT experts (diffusion)")
     p.set_defaults(func=_cmd_demo)

@@ -8,7 +8,9 @@
    ``merge_and_unload`` of several adapters gives) — and saves each merged adapter;
 3. reloads every saved adapter with stock ``PeftModel`` / ``load_adapter``;
 4. scores the base, each expert and each merge on every task: exact-match accuracy (greedy
-   decoding) with its standard error, and answer loss (teacher-forced NLL of the answer).
+   decoding) with its standard error, and answer loss (teacher-forced NLL of the answer);
+5. then the diffusion part (:mod:`oftmerge.demo.diffusion`): the bundled LyCORIS and PEFT OFT
+   experts of a tiny U-Net, merged into one file each way, folded and scored.
 """
 
 from __future__ import annotations
@@ -52,8 +54,36 @@ def run_demo(
     tasks: Sequence[str] | None = None,
     methods: Sequence[str] | None = None,
     print_fn=print,
+    parts: Sequence[str] = ("llm", "diffusion"),
 ) -> dict[str, Any]:
-    """Run the demo; return ``{"scores": {model: {task: {...}}}, "merges": {method: MergeResult}, ...}``."""
+    """Run the demo; return ``{"scores": {model: {task: {...}}}, "merges": {method: MergeResult}, "diffusion": {...}, ...}``.
+
+    ``parts``: ``llm`` (the tiny Llama and its PEFT experts), ``diffusion`` (the tiny U-Net's
+    LyCORIS and PEFT experts, when ``adapters_dir/diffusion`` is there).
+    """
+    adapters_dir = Path(adapters_dir) if adapters_dir is not None else default_adapters_dir()
+    out: dict[str, Any] = {}
+    if "llm" in parts:
+        out = _run_llm(adapters_dir, out_dir=out_dir, n_per_task=n_per_task, tasks=tasks, methods=methods, print_fn=print_fn)
+    if "diffusion" in parts and (adapters_dir / "diffusion" / "base").is_dir():
+        from oftmerge.demo.diffusion import run_diffusion_demo
+
+        print_fn("")
+        out["diffusion"] = run_diffusion_demo(adapters_dir, out_dir=None if out_dir is None else Path(out_dir) / "diffusion", print_fn=print_fn)
+    elif "diffusion" in parts and "llm" not in parts:
+        raise OftMergeError(f"{adapters_dir}: no diffusion/base directory; run scripts/make_diffusion_fixtures.py or pass --adapters DIR")
+    return out
+
+
+def _run_llm(
+    adapters_dir: Path,
+    *,
+    out_dir: str | Path | None,
+    n_per_task: int,
+    tasks: Sequence[str] | None,
+    methods: Sequence[str] | None,
+    print_fn,
+) -> dict[str, Any]:
     import torch
     import transformers
     from peft import PeftModel
@@ -65,7 +95,6 @@ def run_demo(
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     started = time.perf_counter()
-    adapters_dir = Path(adapters_dir) if adapters_dir is not None else default_adapters_dir()
     base_dir = adapters_dir / "base"
     experts = _experts(adapters_dir)
     task_of = {p: p.name.removeprefix("oft-") for p in experts}

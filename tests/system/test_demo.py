@@ -13,7 +13,7 @@ def test_demo_reduced(tmp_path):
     from oftmerge.demo.run import run_demo
 
     lines: list[str] = []
-    out = run_demo(ADAPTERS, out_dir=tmp_path, n_per_task=8, methods=["orthomerge", "mean_q"], print_fn=lines.append)
+    out = run_demo(ADAPTERS, out_dir=tmp_path, n_per_task=8, methods=["orthomerge", "mean_q"], print_fn=lines.append, parts=("llm",))
     text = "\n".join(lines)
     tasks = out["tasks"]
     assert set(tasks) == {"upper", "reverse", "sort", "add"}
@@ -36,3 +36,22 @@ def test_demo_explains_missing_adapters(tmp_path):
 
     with pytest.raises(OftMergeError, match=r"no OFT adapters \(oft-\*/adapter_config.json\) found"):
         run_demo(tmp_path, n_per_task=1)
+
+
+@pytest.mark.skipif(not (ADAPTERS / "diffusion" / "base").is_dir(), reason="bundled diffusion adapters missing")
+def test_diffusion_demo(tmp_path):
+    """The diffusion part: every expert helps its own task, LyCORIS's loader applies the merged file as oftmerge folds it."""
+    from oftmerge.demo.run import run_demo
+
+    lines: list[str] = []
+    out = run_demo(ADAPTERS, out_dir=tmp_path, print_fn=lines.append, parts=("diffusion",))["diffusion"]
+    text = "\n".join(lines)
+    for family in ("lycoris", "peft"):
+        scores = out[family]
+        assert {"base", "OrthoMerge", "mean of Q", "sequential fold"} <= set(scores)
+        for task in ("frames", "stripes", "diagonals"):
+            assert scores[f"expert {task}"][task] < scores["base"][task]
+    if out.get("lycoris_check") is not None:
+        assert out["lycoris_check"] < 1e-5
+    assert (tmp_path / "diffusion" / "lycoris" / "merged-orthomerge.safetensors").is_file()
+    assert "gain kept" in text
