@@ -336,3 +336,32 @@ def test_written_alpha_is_above_every_loaders_clamp(tmp_path: Path) -> None:
             q = blocks.double() - blocks.double().transpose(-1, -2)
             alpha = float(tensors[key.replace(".oft_blocks", ".alpha")])
             assert float(q.norm()) < alpha < float(q.norm()) * 1.001 + 1e-5
+
+
+BUNDLED = Path(__file__).resolve().parents[2] / "adapters" / "diffusion"
+
+
+@pytest.mark.skipif(not (BUNDLED / "base" / "model_index.json").is_file(), reason="bundled diffusion adapters missing")
+def test_kohya_style_merge_loads_in_lycoris_kohya(tmp_path: Path) -> None:
+    """A merged ``lora_unet_`` / ``lora_te_`` file (what sd-scripts saves with lycoris.kohya) loads in LyCORIS's kohya network
+    on the bundled pipeline, and its weights equal oftmerge's fold of the same file into the pipeline directory."""
+    from diffusers import UNet2DConditionModel
+    from lycoris.kohya import PRESET, LycorisNetworkKohya, create_network_from_weights
+    from transformers import CLIPTextModel
+
+    from oftmerge.ops.diffusion_fold import fold_diffusion
+
+    src = BUNDLED / "lycoris-kohya-diag-oft-diagonals.safetensors"
+    merged = merge_diffusion([src], scale=0.5, out=tmp_path / "half.safetensors")
+    assert merged.saved_to is not None
+    fold_diffusion(merged.saved_to, BUNDLED / "base", tmp_path / "folded")
+    unet = UNet2DConditionModel.from_pretrained(str(BUNDLED / "base" / "unet")).eval()
+    te = CLIPTextModel.from_pretrained(str(BUNDLED / "base" / "text_encoder")).eval()
+    LycorisNetworkKohya.apply_preset(PRESET["attn-mlp"])  # the default preset trips on diffusers' time embedding (a LyCORIS bug)
+    net, weights = create_network_from_weights(1.0, str(merged.saved_to), None, te, unet)
+    assert len(net.unet_loras) + len(net.text_encoder_loras) == len(merged.modules)
+    net.merge_to(te, unet, weights, torch.float32, "cpu")
+    ours_unet = UNet2DConditionModel.from_pretrained(str(tmp_path / "folded" / "unet")).state_dict()
+    ours_te = CLIPTextModel.from_pretrained(str(tmp_path / "folded" / "text_encoder")).state_dict()
+    assert max(float((v - ours_unet[k]).abs().max()) for k, v in unet.state_dict().items()) < 1e-5
+    assert max(float((v - ours_te[k]).abs().max()) for k, v in te.state_dict().items()) < 1e-5
