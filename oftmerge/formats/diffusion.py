@@ -154,7 +154,7 @@ def register_diffusion_format(fmt: DiffusionFormat) -> DiffusionFormat:
 
 def diffusion_formats() -> dict[str, DiffusionFormat]:
     """The registered diffusion formats by name."""
-    from oftmerge.formats import kohya, lycoris, onetrainer  # noqa: F401  (they register themselves)
+    from oftmerge import formats  # noqa: F401  (the package imports the built-in formats, which register themselves)
 
     return dict(_FORMATS)
 
