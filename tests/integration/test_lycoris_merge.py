@@ -365,3 +365,41 @@ def test_kohya_style_merge_loads_in_lycoris_kohya(tmp_path: Path) -> None:
     ours_te = CLIPTextModel.from_pretrained(str(tmp_path / "folded" / "text_encoder")).state_dict()
     assert max(float((v - ours_unet[k]).abs().max()) for k, v in unet.state_dict().items()) < 1e-5
     assert max(float((v - ours_te[k]).abs().max()) for k, v in te.state_dict().items()) < 1e-5
+
+
+_KILLER = r"""
+import os, signal, sys
+point, n = sys.argv[1], int(sys.argv[2])
+count = [0]
+orig = getattr(os, point)
+def wrapper(*a, **k):
+    count[0] += 1
+    if count[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return orig(*a, **k)
+setattr(os, point, wrapper)
+from oftmerge.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize(("point", "n", "overwrite"), [("fsync", 1, False), ("fsync", 2, True), ("link", 1, False), ("replace", 1, True)])
+def test_killed_file_output_leaves_old_or_nothing(tmp_path: Path, point: str, n: int, overwrite: bool) -> None:
+    a, b = _make(tmp_path, "diag-oft", 21), _make(tmp_path, "diag-oft", 22)
+    out = tmp_path / "out.safetensors"
+    old = None
+    if overwrite:
+        assert _cli("merge", a, b, "-o", out, "--weights", "1,3", cwd=tmp_path).returncode == 0
+        old = out.read_bytes()
+    args = ["merge", str(a), str(b), "-o", str(out), "-q"] + (["--overwrite"] if overwrite else [])
+    proc = subprocess.run([sys.executable, "-c", _KILLER, point, str(n), *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, (proc.returncode, proc.stderr)  # killed at that point
+    if old is None:
+        assert not out.exists()  # nothing that looks complete
+    else:
+        assert out.read_bytes() == old  # the old output, whole
+    # the next run recovers: it writes (or refuses over the old output) and leaves nothing behind
+    again = _cli("merge", a, b, "-o", out, "--overwrite", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert read_diffusion_adapter(out).modules
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.safetensors.")]
