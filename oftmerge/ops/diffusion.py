@@ -199,11 +199,28 @@ def _check_modules(read: Sequence[DiffusionAdapter], union: bool) -> list[str]:
                     f"{len(only_a)} only in {a.path.name} (e.g. {only_a[0]})" if only_a else "",
                 ) if part
             )  # fmt: skip
-            raise IncompatibleAdaptersError(
-                f"{a.path}: adapts other modules than {read[0].path} ({detail}); were they trained on another model, or with other target "
-                "modules / a text encoder? Pass --union to merge every module among the inputs that adapt it"
+            hint = _prefix_hint(read[0], a) or (
+                "were they trained on another model, or with other target modules / a text encoder? "
+                "Pass --union to merge every module among the inputs that adapt it"
             )
+            raise IncompatibleAdaptersError(f"{a.path}: adapts other modules than {read[0].path} ({detail}); {hint}")
     return names
+
+
+def _prefix_hint(a: DiffusionAdapter, b: DiffusionAdapter) -> str | None:
+    """Why two files name the same modules differently, when that is all that differs (LyCORIS's two namings)."""
+    def stems(x: DiffusionAdapter, prefix: str) -> set[str] | None:
+        names = list(x.modules)
+        return {n[len(prefix) :] for n in names} if names and all(n.startswith(prefix) for n in names) else None
+
+    for pa, pb in (("lycoris_", "lora_unet_"), ("lora_unet_", "lycoris_")):
+        sa, sb = stems(a, pa), stems(b, pb)
+        if sa is not None and sa == sb:
+            return (
+                f"they are the same modules named two ways: {a.path.name} as {pa}..., {b.path.name} as {pb}... (LyCORIS's generic wrapper and "
+                "its kohya network). Rename one file's keys to the other's prefix (the loader that reads the output decides which), then merge"
+            )
+    return None
 
 
 def _grid(name: str, mods: Sequence[DiffusionModule], paths: Sequence[Path]) -> tuple[int, int]:
