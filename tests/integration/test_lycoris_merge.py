@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch import nn
 
+from oftmerge.errors import IncompatibleAdaptersError
 from oftmerge.formats.diffusion import read_diffusion_adapter
 from oftmerge.kernels.fold import fold_rescaled
 from oftmerge.ops.diffusion import convert_diffusion, merge_diffusion
@@ -403,3 +404,20 @@ def test_killed_file_output_leaves_old_or_nothing(tmp_path: Path, point: str, n:
     assert again.returncode == 0, again.stderr
     assert read_diffusion_adapter(out).modules
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.safetensors.")]
+
+
+def test_union_merges_each_module_among_the_inputs_that_adapt_it(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    full, other = _make(tmp_path, "diag-oft", 23), _make(tmp_path, "diag-oft", 24)
+    fewer = tmp_path / "fewer.safetensors"
+    save_file({k: v for k, v in load_file(str(other)).items() if not k.startswith("lycoris_c.")}, str(fewer))
+    with pytest.raises(IncompatibleAdaptersError, match="--union"):
+        merge_diffusion([full, fewer])
+    result = merge_diffusion([full, fewer], union=True)
+    a, both = read_diffusion_adapter(full), merge_diffusion([full, other])
+    by_name = {m.name: m.generator for m in result.merged}
+    assert torch.equal(by_name["lycoris_c"], a.generator("lycoris_c"))  # adapted by one input: kept as it is
+    for m in both.merged:
+        if m.name != "lycoris_c":
+            assert torch.allclose(by_name[m.name], m.generator, atol=1e-12)
