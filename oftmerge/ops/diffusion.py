@@ -367,38 +367,47 @@ def convert_diffusion(
 
 
 def inspect_diffusion(paths: Sequence[str | os.PathLike[str]], *, format: str | None = None) -> dict[str, Any]:
-    """Format, modules, block sizes, constraint, effective ||Q||, rescale, and cosines between files (of common modules)."""
+    """Format, modules, block sizes, constraint, effective ||Q||, rescale, and cosines between files (of common modules).
+
+    One module of every file is in memory at a time: the cosines are accumulated module by module.
+    """
     read = _read_all(paths, format)
-    files = []
-    vectors: list[dict[str, torch.Tensor]] = []
-    for a in read:
-        mods = []
-        flat: dict[str, torch.Tensor] = {}
-        for name, m in a.modules.items():
-            q = a.generator(name)
-            flat[name] = q.reshape(-1) * a.rotation_map.sign
+    n = len(read)
+    mods: list[list[dict[str, Any]]] = [[] for _ in read]
+    dot = torch.zeros(n, n, dtype=torch.float64)
+    norm_i = torch.zeros(n, n, dtype=torch.float64)  # ||x_i||^2 over the modules i shares with j
+    shared = torch.zeros(n, n, dtype=torch.bool)
+    for name in dict.fromkeys(name for a in read for name in a.modules):
+        flat: dict[int, torch.Tensor] = {}
+        for k, a in enumerate(read):
+            if name not in a.modules:
+                continue
+            m = a.modules[name]
+            raw, q = a.raw_and_generator(name)
+            flat[k] = q.reshape(-1) * a.rotation_map.sign
             s = a.rescale(name)
-            raw_norm = frobenius(a.raw(name) - a.raw(name).transpose(-1, -2)) if a.format != "onetrainer" else None
+            raw_norm = frobenius(raw - raw.transpose(-1, -2)) if a.format != "onetrainer" else None
             clamped = raw_norm is not None and m.constraint is not None and m.stages == 1 and abs(frobenius(q) - raw_norm) > 1e-9 * max(raw_norm, 1.0)
-            mods.append({
+            mods[k].append({
                 "name": name, "key": m.key, "stages": m.stages, "blocks": m.num_blocks, "block_size": m.block_size, "width": m.features,
                 "alpha": m.alpha, "constraint": m.constraint, "clamped": clamped,
                 "q_norm": frobenius(q), "rescale": None if s is None else {"min": float(s.min()), "max": float(s.max()), "mean": float(s.mean())},
             })  # fmt: skip
-        vectors.append(flat)
-        files.append(
-            {"path": str(a.path), "format": a.format, "algo": a.algo, "side": a.side, "map": a.rotation_map.describe(), "modules": mods, "notes": list(a.notes)}
-        )
+        for i, x in flat.items():
+            for j, y in flat.items():
+                if x.shape == y.shape:
+                    dot[i, j] += float(x @ y)
+                    norm_i[i, j] += float(x @ x)
+                    shared[i, j] = True
+    files = [
+        {"path": str(a.path), "format": a.format, "algo": a.algo, "side": a.side, "map": a.rotation_map.describe(), "modules": mods[k], "notes": list(a.notes)}
+        for k, a in enumerate(read)
+    ]
     cos: list[list[float | None]] = []
-    for va in vectors:
+    for i in range(n):
         row: list[float | None] = []
-        for vb in vectors:
-            common = [n for n in va if n in vb and va[n].shape == vb[n].shape]
-            if not common:
-                row.append(None)
-                continue
-            x, y = torch.cat([va[n] for n in common]), torch.cat([vb[n] for n in common])
-            den = float(x.norm() * y.norm())
-            row.append(float(x @ y) / den if den else None)
+        for j in range(n):
+            den = math.sqrt(float(norm_i[i, j]) * float(norm_i[j, i]))
+            row.append(float(dot[i, j]) / den if bool(shared[i, j]) and den else None)
         cos.append(row)
     return {"files": files, "cosine": cos}
