@@ -1,19 +1,29 @@
-"""What every ``oftmerge`` subcommand shares: argument helpers, the progress line, the one report printer."""
+"""What every ``oftmerge`` subcommand shares: argument helpers, the progress bars, the one report printer."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from oftmerge.engine.distributed import is_main
 from oftmerge.errors import OftMergeError
 
-__all__ = ["add_report_arguments", "attach_negative_values", "finite_json", "parse_options", "parse_weights", "print_report", "progress_line", "require_output"]
+__all__ = [
+    "EXIT_CODES", "ProgressBars", "add_report_arguments", "attach_negative_values", "finite_json", "json_report", "parse_options",
+    "parse_weights", "print_report", "progress_bars", "require_output",
+]  # fmt: skip
+
+log = logging.getLogger(__name__)
+
+#: the last line of every subcommand's ``--help`` (docs/cli.md, "Exit codes"; :mod:`oftmerge.cli.failures`)
+EXIT_CODES = "exit codes: 0 success, 1 internal error (a bug), 2 bad input or refused operation, 3 file system, 4 Hugging Face Hub, 130 interrupted"
 
 
 def parse_weights(text: str | None) -> tuple[float, ...] | None:
@@ -84,18 +94,87 @@ def require_output(args: argparse.Namespace) -> None:
         raise OftMergeError("give an output directory with -o/--output (or --dry-run to only see the plan)")
 
 
-def progress_line(enabled: bool) -> Callable[[int, int, str], None] | None:
-    """A ``progress(done, total, name)`` that rewrites one stderr line, when stderr is a terminal."""
-    if not enabled or not sys.stderr.isatty():
-        return None
+class ProgressBars:
+    """A ``progress(done, total, name, nbytes=None)`` callback drawn as ``tqdm`` bars on stderr, one per phase.
 
-    def report(done: int, total: int, name: str) -> None:
-        sys.stderr.write(f"\r  merged {done}/{total} modules  {name[-50:]:<50}")
-        if done == total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+    A phase starts when ``done`` goes back to 1 or ``total`` changes (``merge --fold-into``: the
+    merge's modules, then the fold's); ``descriptions`` name the phases in order (the last one
+    repeats). ``nbytes``, when the library knows it (the bytes of the module or tensor just
+    done), is summed and shown after the bar.
+    """
 
-    return report
+    def __init__(self, tqdm: Any, descriptions: Sequence[str], unit: str):
+        self._tqdm, self._descriptions, self._unit = tqdm, list(descriptions), unit
+        self._bar: Any = None
+        self._phase = 0
+        self._bytes = 0
+
+    def __call__(self, done: int, total: int, name: str, nbytes: int | None = None) -> None:
+        if self._bar is not None and (done <= self._bar.n or total != self._bar.total):
+            self.close()
+        if self._bar is None:
+            desc = self._descriptions[min(self._phase, len(self._descriptions) - 1)]
+            self._bar = self._tqdm(total=total, desc=desc, unit=self._unit, file=sys.stderr, dynamic_ncols=True, leave=True)
+            self._phase += 1
+            self._bytes = 0
+        if nbytes is not None:
+            self._bytes += nbytes
+            self._bar.set_postfix_str(self._tqdm.format_sizeof(self._bytes, "B", 1024), refresh=False)
+        self._bar.update(done - self._bar.n)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        """End the current bar (left on screen), so that what follows starts on a line of its own."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+@contextlib.contextmanager
+def progress_bars(args: argparse.Namespace, descriptions: Sequence[str], unit: str = "module") -> Iterator[ProgressBars | None]:
+    """The command's ``progress`` callback: :class:`ProgressBars` when stderr is a terminal, without ``-q``,
+    on the main process and with ``tqdm`` installed; else None (nothing drawn). The bar is closed on leaving, also
+    on an error. (``--json`` keeps the bars: they go to stderr, the report to stdout.)"""
+    bars = None
+    if _bars_shown(args):
+        try:
+            from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs installed; a lazy, optional import
+        except ImportError:  # tqdm comes with the peft, hub and diffusion extras; a core install draws no bars
+            log.debug("tqdm is not installed: no progress bars")
+        else:
+            bars = ProgressBars(tqdm, descriptions, unit)
+    try:
+        yield bars
+    finally:
+        if bars is not None:
+            bars.close()
+
+
+def hub_bars(args: argparse.Namespace) -> contextlib.AbstractContextManager[None]:
+    """``huggingface_hub``'s own upload bars (bytes, ETA) only where ours would be drawn (see :func:`progress_bars`)."""
+    from oftmerge.integrations.hub import hub_progress_bars
+
+    return hub_progress_bars(_bars_shown(args))
+
+
+def _bars_shown(args: argparse.Namespace) -> bool:
+    return not getattr(args, "quiet", False) and sys.stderr.isatty() and is_main()
+
+
+def json_report(args: argparse.Namespace, data: dict[str, Any], *, output: Any = None, dry_run: bool = False) -> dict[str, Any]:
+    """``data`` with the keys every ``--json`` report has (docs/cli.md, "JSON reports"): ``command``, ``tool``,
+    ``versions``, ``output`` (a path or None), ``dry_run`` and ``warnings``; keys ``data`` has are kept."""
+    from oftmerge.provenance import library_versions
+
+    out = dict(data)
+    out.setdefault("command", getattr(args, "command", None))
+    out.setdefault("tool", "oftmerge")
+    out.setdefault("versions", library_versions(()))
+    out.setdefault("output", None if output is None else str(output))
+    out.setdefault("dry_run", bool(dry_run))
+    out.setdefault("warnings", [])
+    return out
 
 
 def print_report(args: argparse.Namespace, *, data: Callable[[], dict[str, Any]], text: Callable[[], str]) -> None:

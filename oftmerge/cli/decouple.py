@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from oftmerge.cli.common import add_report_arguments, parse_options, parse_weights, print_report, progress_line, require_output
+from oftmerge.cli.common import EXIT_CODES, add_report_arguments, json_report, parse_options, parse_weights, print_report, progress_bars, require_output
 
 EPILOG = """examples:
   oftmerge decouple --base base lora-a lora-b full-c -o merged
@@ -15,7 +15,8 @@ EPILOG = """examples:
 Each 2-D weight W0 is split per expert into a rotation (Procrustes, W0 R_i ~ target) and a residual;
 rotations are merged in so(d), residuals with the Euclidean method, W = W0 R_m + rho_m. Embeddings and
 tensors that are not 2-D use the Euclidean method alone. docs/decoupling.md has the definitions.
-"""
+
+""" + EXIT_CODES
 
 
 def _cmd_decouple(args: argparse.Namespace) -> int:
@@ -29,16 +30,14 @@ def _cmd_decouple(args: argparse.Namespace) -> int:
         euclidean_options=parse_options(args.option), orthogonal_options=parse_options(args.orthogonal_option),
         max_rotation=args.max_rotation, on_domain_error=args.on_domain_error, euclidean_only=tuple(args.euclidean_only),
     )  # fmt: skip
-    run = RunOptions(threads=args.threads, shard_size=args.shard_size, overwrite=args.overwrite, dry_run=args.dry_run,
-                     progress=progress_line(not args.quiet))  # fmt: skip
-    result = run_decouple(config, run, None if args.dry_run else args.output)
+    with progress_bars(args, ("decouple",), unit="tensor") as progress:
+        run = RunOptions(threads=args.threads, shard_size=args.shard_size, overwrite=args.overwrite, dry_run=args.dry_run, progress=progress)
+        result = run_decouple(config, run, None if args.dry_run else args.output)
 
     def data() -> dict:
         d = result.provenance()
-        d["output"] = str(result.out_dir) if result.out_dir else None
-        d["dry_run"] = args.dry_run
         d["plan"] = result.plan
-        return d
+        return json_report(args, d, output=result.out_dir, dry_run=args.dry_run)
 
     def text() -> str:
         return result.summary(max_rows=args.show) + "\n" + ("dry run: nothing written" if args.dry_run else f"wrote {result.out_dir}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from oftmerge.cli.common import EXIT_CODES
+
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from oftmerge.demo.run import run_demo
@@ -20,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Merge the OFT experts in adapters/ with OrthoMerge and baselines, save each merged adapter, "
             "reload it with stock PEFT, and print exact-match accuracy and answer loss on every task."
         ),
+        epilog=EXIT_CODES,
     )
     p.add_argument("--adapters", help="directory with base/ and oft-*/ (default: the repository's adapters/)")
     p.add_argument("--out", help="keep the merged adapters here (default: a temporary directory)")

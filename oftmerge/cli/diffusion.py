@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from oftmerge.cli.common import parse_options, parse_weights, print_report, require_output
+from oftmerge.cli.common import json_report, parse_options, parse_weights, print_report, progress_bars, require_output
 from oftmerge.errors import OftMergeError
 from oftmerge.formats.diffusion import is_diffusion_file
 
@@ -54,25 +54,28 @@ def merge_files(args: argparse.Namespace) -> int:
 
     _refuse_peft_options(args)
     require_output(args)
-    result = merge_diffusion(
-        args.adapters, method=args.method, weights=parse_weights(args.weights), scale=args.scale, method_options=parse_options(args.option),
-        to=args.to, format=args.format, rescale=args.rescale, approximate=args.approximate, union=args.union, threads=args.threads,
-    )  # fmt: skip
     folded: Any = None
-    if not args.dry_run:
-        if args.fold_into:
-            from oftmerge.ops.diffusion_fold import fold_diffusion
+    with progress_bars(args, ("merge", "fold")) as progress:
+        result = merge_diffusion(
+            args.adapters, method=args.method, weights=parse_weights(args.weights), scale=args.scale, method_options=parse_options(args.option),
+            to=args.to, format=args.format, rescale=args.rescale, approximate=args.approximate, union=args.union, threads=args.threads,
+            progress=progress,
+        )  # fmt: skip
+        if not args.dry_run:
+            if args.fold_into:
+                from oftmerge.ops.diffusion_fold import fold_diffusion
 
-            folded = fold_diffusion(result.adapter(), args.fold_into, args.output, overwrite=args.overwrite, shard_size=args.shard_size)
-        else:
-            result.save(args.output, overwrite=args.overwrite)
+                folded = fold_diffusion(
+                    result.adapter(), args.fold_into, args.output, overwrite=args.overwrite, shard_size=args.shard_size, progress=progress
+                )
+            else:
+                result.save(args.output, overwrite=args.overwrite)
 
     def data() -> dict[str, Any]:
         d = result.provenance()
         d["modules"] = {n: r.to_dict() for n, r in result.modules.items()}
-        d["output"] = str(folded.out_dir if folded is not None else result.saved_to) if not args.dry_run else None
-        d["dry_run"] = args.dry_run
-        return d
+        output = None if args.dry_run else folded.out_dir if folded is not None else result.saved_to
+        return json_report(args, d, output=output, dry_run=args.dry_run)
 
     def text() -> str:
         if args.dry_run:
@@ -97,7 +100,7 @@ def convert_file(args: argparse.Namespace) -> int:
     result = convert_diffusion(args.adapter, args.output, to=args.to, format=args.format, approximate=args.approximate, overwrite=args.overwrite)
     lines = [f"converted {args.adapter} ({result.inputs[0]['format']} {result.inputs[0]['algo']}) -> {result.saved_to} ({result.format})"]
     lines += [f"warning: {w}" for w in result.warnings]
-    print_report(args, data=result.provenance, text=lambda: "\n".join(lines))
+    print_report(args, data=lambda: json_report(args, result.provenance(), output=result.saved_to), text=lambda: "\n".join(lines))
     return 0
 
 
@@ -129,7 +132,7 @@ def inspect_files(args: argparse.Namespace) -> int:
     if args.base or args.peft_release:
         raise OftMergeError("--base and --peft-release apply to PEFT adapter directories, not to diffusion OFT files; leave them out")
     report = inspect_diffusion(args.adapters, format=args.format)
-    print_report(args, data=lambda: report, text=lambda: render_inspect(report, max_modules=args.show))
+    print_report(args, data=lambda: json_report(args, report), text=lambda: render_inspect(report, max_modules=args.show))
     return 0
 
 
@@ -143,11 +146,12 @@ def fold_file(args: argparse.Namespace) -> int:
     if args.peft_release or args.push_to_hub:
         raise OftMergeError("--peft-release and --push-to-hub apply to PEFT adapters; leave them out for a diffusion OFT file")
     out = None if args.dry_run else args.output
-    result = fold_diffusion(args.adapter, args.base, out, overwrite=args.overwrite, shard_size=args.shard_size, dry_run=args.dry_run)
+    with progress_bars(args, ("fold",)) as progress:
+        result = fold_diffusion(args.adapter, args.base, out, overwrite=args.overwrite, shard_size=args.shard_size, dry_run=args.dry_run, progress=progress)
 
     def text() -> str:
         done = "dry run: nothing written" if args.dry_run else f"wrote {result.out_dir}"
         return result.summary(max_modules=args.show) + "\n" + done
 
-    print_report(args, data=result.provenance, text=text)
+    print_report(args, data=lambda: json_report(args, result.provenance(), output=result.out_dir, dry_run=args.dry_run), text=text)
     return 0

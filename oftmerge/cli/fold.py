@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from oftmerge.cli.common import add_report_arguments, print_report, progress_line, require_output
+from oftmerge.cli.common import EXIT_CODES, add_report_arguments, hub_bars, json_report, print_report, progress_bars, require_output
 
 EPILOG_FOLD = """examples:
   oftmerge fold adapters/oft-upper --base base-model -o folded
@@ -19,12 +19,14 @@ and equals PeftModel.from_pretrained(base, ADAPTER).merge_and_unload().
 diffusion OFT files (LyCORIS, kohya, OneTrainer) into a diffusers model or pipeline directory:
   oftmerge fold style.safetensors --base sd-pipeline -o sd-style       # unet/, text_encoder/ ... copied, rotated
   oftmerge fold style.safetensors --base sd-pipeline/unet -o unet-style
-"""
+
+""" + EXIT_CODES
 
 EPILOG_PUSH = """examples:
   oftmerge push folded my-user/my-model --dry-run   # list files and sizes, send nothing
   oftmerge push folded my-user/my-model --private   # needs `hf auth login` (or HF_TOKEN)
-"""
+
+""" + EXIT_CODES
 
 
 def _cmd_fold(args: argparse.Namespace) -> int:
@@ -40,14 +42,14 @@ def _cmd_fold(args: argparse.Namespace) -> int:
     adapter, base = (args.adapter, args.base) if args.base is not None else fold_base(args.adapter)
     config = FoldConfig(adapter, base, peft_release=args.peft_release, hash_base=args.hash_base,
                         push_to_hub=args.push_to_hub, private=args.private)  # fmt: skip
-    run = RunOptions(threads=args.threads, shard_size=args.shard_size, overwrite=args.overwrite, dry_run=args.dry_run,
-                     progress=progress_line(not args.quiet))  # fmt: skip
-    result = run_fold(config, run, None if args.dry_run else args.output)
+    with progress_bars(args, ("fold",)) as progress, hub_bars(args):
+        run = RunOptions(threads=args.threads, shard_size=args.shard_size, overwrite=args.overwrite, dry_run=args.dry_run, progress=progress)
+        result = run_fold(config, run, None if args.dry_run else args.output)
 
     def data() -> dict:
         d = result.provenance()
-        d.update(output=str(result.out_dir) if result.out_dir else None, dry_run=args.dry_run, shards=result.shards)
-        return d
+        d["shards"] = result.shards
+        return json_report(args, d, output=result.out_dir, dry_run=args.dry_run)
 
     def text() -> str:
         if args.dry_run:
@@ -64,12 +66,23 @@ def _cmd_fold(args: argparse.Namespace) -> int:
 def _cmd_push(args: argparse.Namespace) -> int:
     from oftmerge.integrations.hub import push_folder
 
-    result = push_folder(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run, revision=args.revision, commit_message=args.message)
-    if args.dry_run:
-        print(result.describe())
-        print("dry run: nothing uploaded")
-    else:
-        print(f"pushed {args.folder} -> {getattr(result, 'commit_url', args.repo_id)}")
+    with hub_bars(args):
+        result = push_folder(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run, revision=args.revision, commit_message=args.message)
+
+    def data() -> dict:
+        if args.dry_run:
+            d = {"repo_id": result.repo_id, "files": dict(result.files), "total_bytes": result.total_bytes, "private": result.private,
+                 "revision": result.revision}  # fmt: skip
+        else:
+            d = {"repo_id": args.repo_id, "commit_url": str(getattr(result, "commit_url", "")) or None}
+        return json_report(args, d, output=f"https://huggingface.co/{args.repo_id}", dry_run=args.dry_run)
+
+    def text() -> str:
+        if args.dry_run:
+            return result.describe() + "\ndry run: nothing uploaded"
+        return f"pushed {args.folder} -> {getattr(result, 'commit_url', args.repo_id)}"
+
+    print_report(args, data=data, text=text)
     return 0
 
 
@@ -111,4 +124,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--revision", help="branch to commit to (default: main)")
     p.add_argument("--message", help="commit message")
     p.add_argument("--dry-run", action="store_true", help="list the files and sizes that would be uploaded; send nothing")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success, draw no upload bars")
     p.set_defaults(func=_cmd_push)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from oftmerge.cli.common import print_report
+from oftmerge.cli.common import EXIT_CODES, json_report, print_report
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -14,7 +14,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if diffusion_inputs(args.adapters):
         return inspect_files(args)
     report = inspect_adapters(args.adapters, base=args.base, peft_release=args.peft_release)
-    print_report(args, data=lambda: report, text=lambda: render_report(report, max_modules=args.show))
+    print_report(args, data=lambda: json_report(args, report), text=lambda: render_report(report, max_modules=args.show))
     return 0
 
 
@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "rotation PEFT actually applies, and for several adapters the cosine between their generators "
             "and the magnitude correction c the default merge would use."
         ),
+        epilog=EXIT_CODES,
     )
     p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter directories or Hub ids NS/NAME[@REV], or diffusion OFT .safetensors files")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from oftmerge.cli.common import add_report_arguments, parse_options, parse_weights, print_report, progress_line, require_output
+from oftmerge.cli.common import EXIT_CODES, add_report_arguments, json_report, parse_options, parse_weights, print_report, progress_bars, require_output
 from oftmerge.errors import OftMergeError
 
 EPILOG_MERGE = """examples:
@@ -21,7 +21,8 @@ diffusion OFT files (LyCORIS, kohya sd-scripts, OneTrainer; see docs/diffusion.m
   oftmerge merge a.safetensors b.safetensors -o out.safetensors --weights 1,0.5 --scale 0.8
   oftmerge merge kohya.safetensors lyco.safetensors --to lycoris -o merged.safetensors
   oftmerge merge a.safetensors b.safetensors --fold-into PIPELINE_DIR -o folded-pipeline
-"""
+
+""" + EXIT_CODES
 
 
 
@@ -40,18 +41,14 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         allow_base_mismatch=args.allow_base_mismatch, output="model" if args.fold_into else "adapter",
         saved_modules=args.saved_modules,
     )  # fmt: skip
-    run = RunOptions(
-        threads=args.threads, shard_size=args.shard_size, overwrite=args.overwrite, dry_run=args.dry_run,
-        progress=progress_line(not args.quiet),
-    )  # fmt: skip
-    result = run_merge(config, run, None if args.dry_run else args.output)
+    with progress_bars(args, ("merge", "fold")) as progress:
+        run = RunOptions(threads=args.threads, shard_size=args.shard_size, overwrite=args.overwrite, dry_run=args.dry_run, progress=progress)
+        result = run_merge(config, run, None if args.dry_run else args.output)
 
     def data() -> dict:
         d = result.provenance()
         d["modules"] = {n: r.to_dict() for n, r in result.modules.items()}
-        d["output"] = str(result.saved_to) if result.saved_to else None
-        d["dry_run"] = args.dry_run
-        return d
+        return json_report(args, d, output=result.saved_to or None, dry_run=args.dry_run)
 
     def text() -> str:
         done = f"dry run: nothing written (would write {result.output_bytes / 1e6:.2f} MB)" if args.dry_run else f"wrote {result.saved_to}"
@@ -100,7 +97,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     )
     lines = [f"converted {args.adapter} (PEFT {result.inputs[0].release_source}) -> {result.saved_to}"]
     lines += [f"warning: {w}" for w in result.warnings]
-    print_report(args, data=result.provenance, text=lambda: "\n".join(lines))
+    print_report(args, data=lambda: json_report(args, result.provenance(), output=result.saved_to), text=lambda: "\n".join(lines))
     return 0
 
 
@@ -152,14 +149,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "convert",
         help="upgrade a legacy OFT checkpoint to the current PEFT layout (only where exact)",
         description="Write an OFT adapter of an older PEFT release in the layout PEFT >= 0.18 loads.",
+        epilog=EXIT_CODES,
     )
     c.add_argument("adapter", help="adapter directory or Hub id NS/NAME[@REV]; or a diffusion OFT .safetensors file (with --to)")
     c.add_argument("-o", "--output", required=True)
     c.add_argument("--peft-release", help="PEFT release that wrote the input, when its config does not record it")
     _add_diffusion_arguments(c, merge=False)
-    c.add_argument("--overwrite", action="store_true")
-    c.add_argument("-q", "--quiet", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     c.set_defaults(func=_cmd_convert)
 
-    ls = sub.add_parser("methods", help="list the merge methods and their options")
+    ls = sub.add_parser("methods", help="list the merge methods and their options", epilog=EXIT_CODES)
     ls.set_defaults(func=_cmd_methods)

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -47,17 +48,17 @@ def _scores(unet: Any, text_encoder: Any, tasks: Sequence[str]) -> dict[str, flo
 def _lycoris_check(merged: Path, base_unet: Path, folded: Any) -> float | None:
     """Max |W_LyCORIS - W_oftmerge| over the U-Net, LyCORIS's own loader applying ``merged``; None without lycoris-lora."""
     try:
-        import logging
-
         import lycoris
     except ImportError:
         return None
     from diffusers import UNet2DConditionModel
 
-    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    from oftmerge.demo.quiet import logger_level
+
     unet = UNet2DConditionModel.from_pretrained(str(base_unet)).eval()
-    net, _ = lycoris.create_lycoris_from_weights(1.0, str(merged), unet)
-    net.merge_to()
+    with logger_level("LyCORIS", logging.ERROR):  # set to INFO by lycoris's import: one line per module
+        net, _ = lycoris.create_lycoris_from_weights(1.0, str(merged), unet)
+        net.merge_to()
     ours = folded.state_dict()
     return max(float((v - ours[k]).abs().max()) for k, v in unet.state_dict().items())
 
@@ -79,9 +80,14 @@ def format_table(scores: dict[str, dict[str, float]], tasks: Sequence[str], expe
 
 def run_diffusion_demo(adapters_dir: str | Path, *, out_dir: str | Path | None = None, print_fn: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the diffusion demo on ``adapters_dir/diffusion``; return ``{"lycoris": scores, "peft": scores, "lycoris_check": ...}``."""
-    import transformers
+    from oftmerge.demo.quiet import quiet_libraries
+
+    with quiet_libraries():  # the tables, not the libraries' bars, logs and known warnings (oftmerge.demo.quiet)
+        return _run_diffusion_demo(Path(adapters_dir), out_dir, print_fn)
+
+
+def _run_diffusion_demo(adapters_dir: Path, out_dir: str | Path | None, print_fn: Callable[[str], None]) -> dict[str, Any]:
     from diffusers import UNet2DConditionModel
-    from diffusers.utils import logging as diffusers_logging
 
     from oftmerge.demo.diffusion_tasks import TASKS, load_base
     from oftmerge.ops.diffusion import merge_diffusion
@@ -89,8 +95,6 @@ def run_diffusion_demo(adapters_dir: str | Path, *, out_dir: str | Path | None =
     from oftmerge.ops.fold import fold_adapter
     from oftmerge.ops.merge import merge_adapters, quiet_merge_log
 
-    transformers.logging.set_verbosity_error()
-    diffusers_logging.set_verbosity_error()
     started = time.perf_counter()
     root = Path(adapters_dir) / "diffusion"
     base = root / "base"

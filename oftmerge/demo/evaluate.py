@@ -24,6 +24,7 @@ Public API::
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Sequence
 
@@ -61,6 +62,13 @@ def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+def _cache_kwarg(model) -> str:
+    """The name of the KV-cache argument (and output): ``cache`` from transformers 5.x (``past_key_values``
+    is deprecated there), ``past_key_values`` before."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel forwards **kwargs
+    return "cache" if "cache" in inspect.signature(type(inner).forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 12,
                    batch_size: int = 256) -> list[str]:
@@ -83,11 +91,12 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
         generated = torch.full((len(chunk), max_new_tokens), pad_id, dtype=torch.long, device=dev)
         done = torch.zeros(len(chunk), dtype=torch.bool, device=dev)
         past = None
+        cache_kwarg = _cache_kwarg(model)
         cur_ids, cur_pos = ids, pos
         for step in range(max_new_tokens):
             res = model(input_ids=cur_ids, attention_mask=mask, position_ids=cur_pos,
-                        past_key_values=past, use_cache=True)
-            past = res.past_key_values
+                        use_cache=True, **({} if past is None else {cache_kwarg: past}))
+            past = getattr(res, cache_kwarg)
             nxt = res.logits[:, -1, :].argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             generated[:, step] = nxt

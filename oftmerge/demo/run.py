@@ -61,17 +61,20 @@ def run_demo(
     ``parts``: ``llm`` (the tiny Llama and its PEFT experts), ``diffusion`` (the tiny U-Net's
     LyCORIS and PEFT experts, when ``adapters_dir/diffusion`` is there).
     """
+    from oftmerge.demo.quiet import quiet_libraries
+
     adapters_dir = Path(adapters_dir) if adapters_dir is not None else default_adapters_dir()
     out: dict[str, Any] = {}
-    if "llm" in parts:
-        out = _run_llm(adapters_dir, out_dir=out_dir, n_per_task=n_per_task, tasks=tasks, methods=methods, print_fn=print_fn)
-    if "diffusion" in parts and (adapters_dir / "diffusion" / "base").is_dir():
-        from oftmerge.demo.diffusion import run_diffusion_demo
-
-        print_fn("")
-        out["diffusion"] = run_diffusion_demo(adapters_dir, out_dir=None if out_dir is None else Path(out_dir) / "diffusion", print_fn=print_fn)
-    elif "diffusion" in parts and "llm" not in parts:
+    if "diffusion" in parts and "llm" not in parts and not (adapters_dir / "diffusion" / "base").is_dir():
         raise OftMergeError(f"{adapters_dir}: no diffusion/base directory; run scripts/make_diffusion_fixtures.py or pass --adapters DIR")
+    with quiet_libraries():  # the table, not the libraries' bars and known warnings (oftmerge.demo.quiet)
+        if "llm" in parts:
+            out = _run_llm(adapters_dir, out_dir=out_dir, n_per_task=n_per_task, tasks=tasks, methods=methods, print_fn=print_fn)
+        if "diffusion" in parts and (adapters_dir / "diffusion" / "base").is_dir():
+            from oftmerge.demo.diffusion import run_diffusion_demo
+
+            print_fn("")
+            out["diffusion"] = run_diffusion_demo(adapters_dir, out_dir=None if out_dir is None else Path(out_dir) / "diffusion", print_fn=print_fn)
     return out
 
 
@@ -85,15 +88,12 @@ def _run_llm(
     print_fn,
 ) -> dict[str, Any]:
     import torch
-    import transformers
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from oftmerge.demo.evaluate import format_table, score
     from oftmerge.ops.merge import merge_adapters, quiet_merge_log
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
     started = time.perf_counter()
     base_dir = adapters_dir / "base"
     experts = _experts(adapters_dir)

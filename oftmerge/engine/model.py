@@ -45,6 +45,7 @@ which shards a process writes, and the main process finalises::
 
 from __future__ import annotations
 
+import inspect
 import os
 import traceback
 from collections.abc import Callable, Collection, Mapping
@@ -70,7 +71,7 @@ from oftmerge.formats.shards import (
     write_index,
 )
 
-__all__ = ["write_model"]
+__all__ = ["report_progress", "write_model"]
 
 #: tensors read ahead of the one being computed
 READ_AHEAD = 2
@@ -80,6 +81,29 @@ SYNC_EVERY = 256 * 2**20
 
 TensorFn = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 Progress = Callable[[int, int, str], None]
+
+
+def report_progress(progress: Callable[..., None] | None) -> Callable[[int, int, str, int | None], None] | None:
+    """``progress`` as ``report(done, total, name, nbytes)``: ``nbytes`` (the bytes of the module or tensor just done,
+    or None) is passed on as a keyword only to a callback that takes one (``nbytes=None`` or ``**kwargs``), so a plain
+    ``progress(done, total, name)`` keeps working.
+
+    >>> seen = []
+    >>> report_progress(lambda done, total, name: seen.append((done, total, name)))(1, 2, "a", 64)
+    >>> report_progress(lambda done, total, name, nbytes=None: seen.append(nbytes))(2, 2, "b", 64)
+    >>> seen
+    [(1, 2, 'a'), 64]
+    """
+    if progress is None:
+        return None
+    try:
+        params = inspect.signature(progress).parameters.values()
+        takes = any(p.name == "nbytes" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    except (TypeError, ValueError):  # a builtin or extension callable without a signature
+        takes = False
+    if takes:
+        return lambda done, total, name, nbytes: progress(done, total, name, nbytes=nbytes)
+    return lambda done, total, name, nbytes: progress(done, total, name)
 
 
 def write_model(
@@ -110,7 +134,8 @@ def write_model(
 
     ``inputs`` are the run's other inputs (``(role, path)``) the output must not replace; the base
     always is one. ``metadata`` is added to every shard's header; ``progress(done, total, name)``
-    counts this process's tensors.
+    counts this process's tensors (with ``nbytes=`` the tensor's bytes when it takes that keyword:
+    :func:`report_progress`).
     """
     group = group or process_group()
     base_dir = Path(base_dir)
@@ -216,12 +241,12 @@ class _Counted:
     """``progress`` over all of this process's tensors, across its shards."""
 
     def __init__(self, progress: Progress | None, total: int):
-        self._progress, self.total, self.done = progress, total, 0
+        self._progress, self.total, self.done = report_progress(progress), total, 0
 
-    def __call__(self, name: str) -> None:
+    def __call__(self, name: str, nbytes: int) -> None:
         self.done += 1
         if self._progress is not None:
-            self._progress(self.done, self.total, name)
+            self._progress(self.done, self.total, name, nbytes)
 
 
 def _stream_tensors(
@@ -233,7 +258,7 @@ def _stream_tensors(
     untie: tuple[str, str] | None,
     shard_size: int | str,
     metadata: Mapping[str, str] | None,
-    progress: Callable[[str], None],
+    progress: Callable[[str, int], None],
     replace: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """Stream every tensor of ``layout`` into shards in ``tmp`` (``replace``: tensors written instead of the base's).
@@ -277,7 +302,7 @@ def _stream_tensors(
                     writing.result()  # one write in flight; re-raises its error
                 writing = writes.submit(store, info, raw, new)
                 del new
-                progress(info.name)
+                progress(info.name, info.nbytes)
             if writing is not None:
                 writing.result()
         writer.close()

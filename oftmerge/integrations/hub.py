@@ -11,8 +11,10 @@ no network, no login, no write access) raises :class:`~oftmerge.errors.HubError`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,8 @@ from oftmerge._version import __version__
 from oftmerge.errors import HubError, OftMergeError
 from oftmerge.formats.sources import _offline
 
-__all__ = ["PushPlan", "push_folder"]
+__all__ = ["PushPlan", "hub_progress_bars", "push_folder"]
+
 
 @dataclass(frozen=True)
 class PushPlan:
@@ -74,11 +77,14 @@ def push_folder(
     revision: str | None = None,
     commit_message: str | None = None,
     token: str | None = None,
+    progress: bool | None = None,
 ) -> Any:
     """Upload ``folder`` to Hub repository ``repo_id`` (created if missing); return the ``CommitInfo``.
 
     Hidden files and directories are not uploaded. With ``dry_run`` nothing is
-    sent: the :class:`PushPlan` (files and sizes) is returned instead.
+    sent: the :class:`PushPlan` (files and sizes) is returned instead. ``progress=False`` hides
+    ``huggingface_hub``'s upload bars (bytes, ETA) for this push; by default its own setting
+    decides (``HF_HUB_DISABLE_PROGRESS_BARS``).
     """
     plan = _plan_push(Path(folder), repo_id, private, revision)
     if dry_run:
@@ -91,18 +97,40 @@ def push_folder(
     if _offline():  # huggingface_hub reads HF_HUB_OFFLINE once, at import; the environment now decides
         raise HubError(f"{where}: offline mode is on (HF_HUB_OFFLINE=1); unset HF_HUB_OFFLINE and run again with network access")
     try:
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(plan.folder / name)) for name, _ in plan.files]
-        return api.create_commit(
-            repo_id,
-            operations,
-            commit_message=commit_message or f"Upload {plan.folder.name} with oftmerge {__version__}",
-            revision=revision,
-            repo_type="model",
-        )
+        with hub_progress_bars(progress is not False):
+            api = HfApi(token=token)
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(plan.folder / name)) for name, _ in plan.files]
+            return api.create_commit(
+                repo_id,
+                operations,
+                commit_message=commit_message or f"Upload {plan.folder.name} with oftmerge {__version__}",
+                revision=revision,
+                repo_type="model",
+            )
     except Exception as exc:  # offline, no network, no login, no permission: one line (HubError), not huggingface_hub's traceback
         raise HubError(f"{where}: {_push_failure(exc)}") from exc
+
+
+@contextlib.contextmanager
+def hub_progress_bars(shown: bool) -> Iterator[None]:
+    """``huggingface_hub``'s progress bars hidden inside the block unless ``shown``, its setting restored after.
+
+    Bars are never turned on (the user's ``HF_HUB_DISABLE_PROGRESS_BARS=1`` wins); without
+    ``huggingface_hub`` nothing changes.
+    """
+    try:
+        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    except ImportError:
+        shown = True
+    if shown or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
 
 
 def _push_failure(exc: Exception) -> str:

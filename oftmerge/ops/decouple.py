@@ -236,7 +236,8 @@ def decouple_merge(
             LAPACK's SVD and QR, and BLAS products, may round differently with another thread
             count: the output is bit-identical for one thread count (and any number of processes
             under ``accelerate launch``, whose processes get one thread each unless told otherwise).
-        progress: ``progress(done, total, name)`` after each tensor written.
+        progress: ``progress(done, total, name)`` after each tensor written (with ``nbytes=`` its bytes, when
+            the callback takes that keyword).
         run: a :class:`~oftmerge.config.RunOptions`; when given, ``overwrite``, ``shard_size``,
             ``dry_run``, ``threads`` and ``progress`` are not used.
     """

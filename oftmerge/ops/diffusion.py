@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from oftmerge.engine.commit import output_file
+from oftmerge.engine.model import report_progress
 from oftmerge.engine.threads import torch_threads
 from oftmerge.errors import IncompatibleAdaptersError, NumericalError, OftMergeError
 from oftmerge.formats.diffusion import (
@@ -307,8 +308,13 @@ def merge_diffusion(
     overwrite: bool = False,
     threads: int | None = 1,
     operation: str = "merge",
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> DiffusionMergeResult:
-    """Merge diffusion OFT files into one file of their format (or ``to``); see the module docstring."""
+    """Merge diffusion OFT files into one file of their format (or ``to``); see the module docstring.
+
+    ``progress(done, total, module)`` is called after each merged module (with ``nbytes=`` the bytes of its
+    merged generator, when the callback takes that keyword).
+    """
     if not inputs:
         raise OftMergeError("no input files given")
     if not math.isfinite(scale):
@@ -323,8 +329,9 @@ def merge_diffusion(
     out_sign = fmt.rotation_map().sign
     merged: list[MergedModule] = []
     records: dict[str, ModuleRecord] = {}
+    report = report_progress(progress)
     with torch_threads(threads):
-        for name in names:
+        for done, name in enumerate(names, start=1):
             have = [i for i, a in enumerate(read) if name in a.modules]  # all inputs, unless union: those that adapt it
             ins, wi = [read[i] for i in have], [w[i] for i in have]
             mods = [a.modules[name] for a in ins]
@@ -336,6 +343,8 @@ def merge_diffusion(
             vec, shape = _merged_rescale(ins, name, wi, rescale, scale)
             merged.append(MergedModule(name, result.stored, vec, shape))
             records[name] = ModuleRecord(name, tuple(m.grid_block for m in mods), block, result.input_norms, result.merged_norm, vec is not None)
+            if report is not None:
+                report(done, len(names), name, result.stored.nbytes + (0 if vec is None else vec.nbytes))
     where = f"the {operation} of {', '.join(str(a.path) for a in read)}"
     fmt.check_writable(merged, where)
     dtypes = {a.dtype(n) for a in read for n in list(a.modules)[:1]}

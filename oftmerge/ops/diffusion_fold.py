@@ -51,7 +51,7 @@ import torch
 from oftmerge.engine.commit import output_directory
 from oftmerge.engine.distributed import LOCAL, current
 from oftmerge.engine.guard import check_output, check_replaceable
-from oftmerge.engine.model import write_model
+from oftmerge.engine.model import report_progress, write_model
 from oftmerge.engine.threads import torch_threads
 from oftmerge.errors import AdapterFormatError, IncompatibleAdaptersError, OftMergeError
 from oftmerge.formats.checkpoint import Checkpoint
@@ -138,7 +138,8 @@ def fold_diffusion(
         shard_size: largest shard of each written component, ``"5GB"`` style or bytes.
         dry_run: resolve modules and plan shards from headers only; write nothing.
         threads: torch threads for the fold (None leaves torch's setting).
-        progress: ``progress(done, total, module)`` after each folded module.
+        progress: ``progress(done, total, module)`` after each folded module (with ``nbytes=`` the bytes of
+            its folded weight, when the callback takes that keyword).
         source: the provenance record of ``adapter`` (a merge's inputs and method); by default
             the file's path, SHA-256, format and algorithm.
     """
@@ -213,6 +214,7 @@ def _folder(read: DiffusionAdapter, components: Sequence[_Component], progress: 
     """``write_model``'s ``tensor_fn`` for one component: fold the weight of the module it belongs to."""
     total = sum(len(c.modules) for c in components)
     done = [0]
+    report = report_progress(progress)
 
     def for_component(comp: _Component) -> TensorFn:
         by_key = {key: name for name, key in comp.modules.items()}
@@ -225,8 +227,8 @@ def _folder(read: DiffusionAdapter, components: Sequence[_Component], progress: 
             folded = fold_rescaled(weight.to(compute), rotation, read.modules[name].spec(read.side), read.rescale(name))
             out = cast_checked(folded, weight.dtype, f"module {name!r}: the folded weight {where}{key}")
             done[0] += 1
-            if progress is not None:
-                progress(done[0], total, name)
+            if report is not None:
+                report(done[0], total, name, out.nbytes)
             return out
 
         return fold_one

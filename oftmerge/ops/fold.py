@@ -40,7 +40,7 @@ import torch
 
 from oftmerge.config import FoldConfig, RunOptions
 from oftmerge.engine.distributed import is_main
-from oftmerge.engine.model import write_model
+from oftmerge.engine.model import report_progress, write_model
 from oftmerge.engine.threads import torch_threads
 from oftmerge.errors import HubError, NumericalError, OftMergeError
 from oftmerge.formats.peft_oft import OftAdapter
@@ -149,7 +149,8 @@ def fold_adapter(
             The fold is many small batched products while a reader and a writer
             thread keep the disk busy, so one thread is the default; raise it on
             many-core machines.
-        progress: called as ``progress(done, total, module)`` after each folded module.
+        progress: called as ``progress(done, total, module)`` after each folded module (with ``nbytes=`` the
+            bytes of its folded weight, when the callback takes that keyword).
         run: a :class:`~oftmerge.config.RunOptions`; when given, ``shard_size``, ``overwrite``,
             ``dry_run``, ``threads`` and ``progress`` are not used.
     """
@@ -231,6 +232,7 @@ def _folder(plan: FoldPlan, by_key: dict[str, str], run: RunOptions) -> Callable
     """The writer's ``tensor_fn``: fold one base weight (``by_key``: base tensor -> module) with the adapter's rotation, checked."""
     read = plan.adapter
     done = [0]
+    progress = report_progress(run.progress)
 
     def fold_one(key: str, weight: torch.Tensor) -> torch.Tensor:
         name = by_key[key]
@@ -243,8 +245,8 @@ def _folder(plan: FoldPlan, by_key: dict[str, str], run: RunOptions) -> Callable
                 "weight's dtype (the rotation or the base weight is too large for it); nothing was written"
             )
         done[0] += 1
-        if run.progress is not None:
-            run.progress(done[0], len(plan.modules), name)
+        if progress is not None:
+            progress(done[0], len(plan.modules), name, folded.nbytes)
         return folded
 
     return fold_one

@@ -22,6 +22,7 @@ import torch
 
 from oftmerge.config import MergeConfig, RunOptions
 from oftmerge.engine.distributed import Group, is_main, process_group
+from oftmerge.engine.model import report_progress
 from oftmerge.engine.threads import OneThread, Prefetch, torch_threads
 from oftmerge.errors import IncompatibleAdaptersError, NumericalError
 from oftmerge.formats.peft_oft import OftAdapter, saved_key
@@ -104,7 +105,8 @@ def merge_adapters(
             base models (shapes are still checked).
         dry_run: only plan: read configs and tensor shapes, report what would be
             written, load no generator.
-        progress: called as ``progress(done, total, module)`` after each module.
+        progress: called as ``progress(done, total, module)`` after each module (with ``nbytes=`` the bytes of
+            its merged tensors, when the callback takes that keyword).
         output: ``"adapter"`` writes the merged adapter to ``out_dir``;
             ``"model"`` folds it into ``base`` and writes a full model there
             (:func:`oftmerge.ops.fold.fold_adapter`, shards of ``shard_size``).
@@ -198,6 +200,7 @@ def _execute(plan: MergePlan, run: RunOptions, result: MergeResult) -> tuple[lis
     non_orthogonal: list[tuple[str, float]] = []
     added: dict[str, list[str]] = {}
     reports: dict[str, dict[str, Any]] = {}
+    progress = report_progress(run.progress)
 
     def load(p: ModulePlan) -> list[torch.Tensor]:
         if p.name in plan.packed:
@@ -228,14 +231,13 @@ def _execute(plan: MergePlan, run: RunOptions, result: MergeResult) -> tuple[lis
                 stats=merged.stats,
             )
             scale = merged_scale(read, p, plan.weights) if plan.layout == "0.15" else None
-            result.tensors.update(
-                pack_module(p.name, p.kind, merged.stored, plan.layout, is_packed=is_packed, dtype=plan.out_dtype, scale=scale)
-            )
+            packed = pack_module(p.name, p.kind, merged.stored, plan.layout, is_packed=is_packed, dtype=plan.out_dtype, scale=scale)
+            result.tensors.update(packed)
             _copy_saved_base(plan, p, result.tensors)
             if group.size > 1:  # which tensors are this module's, to gather them in plan order
                 added[p.name] = list(result.tensors)[first_key:]
-            if run.progress is not None:
-                run.progress(done, len(plan.modules), p.name)
+            if progress is not None:
+                progress(done, len(plan.modules), p.name, sum(t.nbytes for t in packed.values()))
         for name, ortho in checks.results():
             if not math.isfinite(ortho):
                 alone = [str(read[i].path) for i in reports[name]["inputs"]] if len(reports[name]["inputs"]) == 1 else None
