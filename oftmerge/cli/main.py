@@ -30,6 +30,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "oftmerge.cli.demo",
     "oftmerge.cli.fold",
     "oftmerge.cli.decouple",
+    "oftmerge.cli.run",
 ]
 
 
