@@ -72,6 +72,7 @@ class DecoupleResult:
     dry_run: bool = False
     out_dir: Path | None = None
     base_hub: dict[str, Any] | None = None  #: for a Hub base: ``repo_id``, ``revision`` asked for, ``commit``
+    recipe: str | None = None  #: the ``oftmerge.yaml`` of the output (:mod:`oftmerge.ops.recipe`)
 
     def provenance(self) -> dict[str, Any]:
         versions = library_versions()
@@ -145,13 +146,18 @@ class _LateFiles(Mapping[str, str]):
             return json.dumps(self._result.provenance(), indent=2, sort_keys=True) + "\n"
         if key == "README.md":
             return decoupled_model_card(self._result)
+        if key == "oftmerge.yaml" and self._result.recipe is not None:
+            return self._result.recipe
         raise KeyError(key)
 
+    def _keys(self) -> tuple[str, ...]:
+        return ("oftmerge.json", "README.md") + (("oftmerge.yaml",) if self._result.recipe is not None else ())
+
     def __iter__(self) -> Iterator[str]:
-        return iter(("oftmerge.json", "README.md"))
+        return iter(self._keys())
 
     def __len__(self) -> int:
-        return 2
+        return len(self._keys())
 
 
 #: Euclidean methods computed in float32 for tensors the base stores in bfloat16/float16 (elementwise:
@@ -271,6 +277,9 @@ def run_decouple(config: DecoupleConfig, run: RunOptions, out_dir: str | os.Path
     assert out_dir is not None
     inputs = plan.inputs
     check_output(out_dir, inputs)  # before the model-wide pass, if any
+    from oftmerge.ops.recipe import recipe_for
+
+    result.recipe = recipe_for("decouple", config, run).to_yaml()
     group = process_group()  # several processes (accelerate launch): each merges and writes its share of the shards
     euclid = get_euclidean_method(plan.settings.euclidean)
     e_opts = dict(plan.settings.euclidean_options)

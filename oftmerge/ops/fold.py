@@ -165,6 +165,18 @@ def fold_adapter(
     return run_fold(config, run, out_dir)
 
 
+def _recipe(config: FoldConfig, run: RunOptions) -> str | None:
+    """The ``oftmerge.yaml`` of a fold: the merge's recipe for a merge folded into its base, else the fold's (None for an adapter object)."""
+    from oftmerge.ops.recipe import recipe_for
+
+    recipe = getattr(config.adapter, "recipe", None)
+    if recipe is not None:
+        return str(recipe)
+    if isinstance(config.adapter, (str, os.PathLike)) and isinstance(config.base, (str, os.PathLike)):
+        return recipe_for("fold", config, run).to_yaml()
+    return None
+
+
 def run_fold(config: FoldConfig, run: RunOptions, out_dir: str | os.PathLike[str] | None = None) -> FoldResult:
     """Plan and execute ``config``, writing the folded model to ``out_dir``."""
     plan = plan_fold(config, run.shard_size, dry_run=run.dry_run)
@@ -192,6 +204,8 @@ def run_fold(config: FoldConfig, run: RunOptions, out_dir: str | os.PathLike[str
         "oftmerge.json": json.dumps(result.provenance(), indent=2, sort_keys=True) + "\n",
         "README.md": folded_model_card(result),
     }
+    if (recipe := _recipe(config, run)) is not None:
+        extra["oftmerge.yaml"] = recipe
     by_key = _folds(plan)
     with torch_threads(run.threads):
         result.out_dir = write_model(

@@ -171,6 +171,10 @@ def run_merge(config: MergeConfig, run: RunOptions, out_dir: str | os.PathLike[s
         return result
     cancelled, non_orthogonal = _execute(plan, run, result)
     _summarise(plan, result, cancelled, non_orthogonal)
+    if out_dir is not None and all(isinstance(a, (str, os.PathLike)) for a in config.adapters):
+        from oftmerge.ops.recipe import recipe_for
+
+        result.recipe = recipe_for("merge", config, run).to_yaml()
     if out_dir is not None and config.output == "model":
         from oftmerge.ops.fold import fold_adapter
 

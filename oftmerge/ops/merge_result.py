@@ -90,6 +90,8 @@ class MergeResult:
     base: dict[str, Any] | None = None
     #: what an output must not replace besides the input adapters (``(role, path)``: the base), from the plan
     protected: tuple[tuple[str, str], ...] = ()
+    #: the recipe that made this merge (``oftmerge.yaml`` of its output, :mod:`oftmerge.ops.recipe`), when it ran from a config
+    recipe: str | None = None
 
     @property
     def release(self) -> str:
@@ -124,6 +126,8 @@ class MergeResult:
         prov = self.provenance()
         prov["modules"] = {n: r.to_dict() for n, r in self.modules.items()}
         extra = {"oftmerge.json": (json.dumps(prov, indent=2, sort_keys=True) + "\n").encode(), "README.md": adapter_card(self).encode()}
+        if self.recipe is not None:
+            extra["oftmerge.yaml"] = self.recipe.encode()
         inputs = [*self.protected, *(("input adapter", info.path) for info in self.inputs)]
         self.saved_to = write_adapter(path, PEFT_OFT, self.tensors, self.config, extra_files=extra, overwrite=overwrite, inputs=inputs)
         return self.saved_to

@@ -81,3 +81,27 @@ def test_dry_run_writes_nothing(tmp_path: Path) -> None:
     proc = _cli("run", recipe, "--dry-run", cwd=tmp_path)
     assert proc.returncode == 0 and "dry run" in proc.stdout
     assert not (tmp_path / "out").exists()
+
+
+def _tensor_files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.suffix == ".safetensors"}
+
+
+def test_every_output_holds_the_recipe_that_reruns_it(tmp_path: Path) -> None:
+    from helpers import save_lora_expert
+
+    lora = save_lora_expert(tmp_path / "lora", BASE, seed=3)
+    runs = {
+        "merged": ["merge", A, B, "--weights", "1,2", "-o", "merged"],
+        "folded": ["fold", A, "--base", BASE, "-o", "folded"],
+        "merged-model": ["merge", A, B, "--fold-into", BASE, "-o", "merged-model"],
+        "decoupled": ["decouple", "--base", BASE, lora, "-o", "decoupled", "--euclidean", "ta", "--orthogonal", "orthomerge"],
+    }
+    for out, argv in runs.items():
+        assert _cli(*argv, "-q", cwd=tmp_path).returncode == 0, out
+        recipe = tmp_path / out / "oftmerge.yaml"
+        assert recipe.is_file(), out
+        again = _cli("run", recipe, "-o", f"{out}-again", "-q", cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+        assert _tensor_files(tmp_path / out) == _tensor_files(tmp_path / f"{out}-again"), out
+        assert (tmp_path / f"{out}-again" / "oftmerge.yaml").read_text() == recipe.read_text()
