@@ -18,7 +18,8 @@ docs/recipes.md describes the format.
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from oftmerge.ops.recipe import load_recipe, run_recipe
+    from oftmerge.ops.recipe import load_recipe
+    from oftmerge.ops.run_recipe import run_recipe
 
     recipe = load_recipe(args.recipe)
     with progress_bars(args, (recipe.command, "fold")) as progress:

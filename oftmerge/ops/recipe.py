@@ -1,6 +1,7 @@
 """Recipes: one YAML file that describes a merge, a fold, a merge folded into a base, or a decoupled merge, and runs it again.
 
->>> from oftmerge.ops.recipe import load_recipe, run_recipe
+>>> from oftmerge.ops.recipe import load_recipe
+>>> from oftmerge.ops.run_recipe import run_recipe
 >>> recipe = load_recipe("merge.yaml")                        # doctest: +SKIP
 >>> run_recipe(recipe, "merged", overwrite=True)              # doctest: +SKIP
 
@@ -36,7 +37,7 @@ from typing import Any
 from oftmerge.config import DecoupleConfig, FoldConfig, MergeConfig, RunOptions
 from oftmerge.errors import OftMergeError
 
-__all__ = ["RECIPE_VERSION", "Recipe", "fingerprint", "load_recipe", "recipe_for", "run_recipe"]
+__all__ = ["RECIPE_VERSION", "Recipe", "check_inputs", "fingerprint", "load_recipe", "recipe_for", "recipe_from_dict"]
 
 RECIPE_VERSION = 1
 COMMANDS: dict[str, type[MergeConfig] | type[FoldConfig] | type[DecoupleConfig]] = {"merge": MergeConfig, "fold": FoldConfig, "decouple": DecoupleConfig}
@@ -210,34 +211,3 @@ def check_inputs(recipe: Recipe, *, on_changed: str = "error") -> list[str]:
                 raise OftMergeError(message + " (pass --on-changed warn to run anyway)")
             notes.append(message)
     return notes
-
-
-def run_recipe(
-    recipe: Recipe,
-    out: str | os.PathLike[str] | None = None,
-    *,
-    overwrite: bool = False,
-    dry_run: bool = False,
-    on_changed: str = "error",
-    progress: Any = None,
-) -> Any:
-    """Run ``recipe`` into ``out`` (default: its ``output``); returns the command's result (with ``recipe_notes``)."""
-    notes = check_inputs(recipe, on_changed=on_changed)
-    target = out if out is not None else recipe.output
-    if target is None and not dry_run:
-        raise OftMergeError(f"{recipe.source}: the recipe names no output; give one with -o OUT")
-    run = RunOptions(**dict(recipe.run), overwrite=overwrite, dry_run=dry_run, progress=progress)
-    if isinstance(recipe.config, MergeConfig):
-        from oftmerge.ops.merge import run_merge
-
-        result: Any = run_merge(recipe.config, run, None if dry_run else target)
-    elif isinstance(recipe.config, FoldConfig):
-        from oftmerge.ops.fold import run_fold
-
-        result = run_fold(recipe.config, run, None if dry_run else target)
-    else:
-        from oftmerge.ops.decouple import run_decouple
-
-        result = run_decouple(recipe.config, run, target)
-    result.recipe_notes = notes
-    return result
