@@ -86,9 +86,11 @@ def test_fold_peft_adapter_into_diffusers_unet_equals_merge_and_unload(unet_dirs
         n = len(result.shards)
         index = json.loads((tmp_path / "out" / "diffusion_pytorch_model.safetensors.index.json").read_text())
         assert n > 1 and sorted(set(index["weight_map"].values())) == [f"diffusion_pytorch_model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
-        assert set(files) == {"README.md", "config.json", "oftmerge.json", "diffusion_pytorch_model.safetensors.index.json", *index["weight_map"].values()}
+        assert set(files) == {
+            "README.md", "config.json", "oftmerge.json", "oftmerge.yaml", "diffusion_pytorch_model.safetensors.index.json", *index["weight_map"].values()
+        }  # fmt: skip
     else:
-        assert files == ["README.md", "config.json", "diffusion_pytorch_model.safetensors", "oftmerge.json"]
+        assert files == ["README.md", "config.json", "diffusion_pytorch_model.safetensors", "oftmerge.json", "oftmerge.yaml"]
     assert json.loads((tmp_path / "out" / "config.json").read_text()) == json.loads((base / "config.json").read_text())
     assert json.loads((tmp_path / "out" / "oftmerge.json").read_text())["base"]["class_name"] == "UNet2DConditionModel"
     _assert_state_equal(_unet(tmp_path / "out"), _peft_merged(unet_dirs["unet"], unet_dirs["a"]))
