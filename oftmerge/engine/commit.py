@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from oftmerge.engine import fsops
-from oftmerge.engine.guard import Inputs, check_output, output_location
+from oftmerge.engine.guard import Inputs, check_output, check_replaceable_file, output_location
 from oftmerge.engine.recovery import discard_old, locked, marker, recover, remove, remove_stale_partials
 from oftmerge.errors import FileSystemError, OftMergeError, OutputExistsError
 from oftmerge.formats.io import fsync_dir
@@ -67,12 +67,7 @@ def atomic_directory(target: str | os.PathLike[str], *, overwrite: bool = False)
     replaced itself with ``overwrite``, never its target.
     """
     target = output_location(target)
-    _make_parent(target.parent)
-    with locked(target, wait=0.0) as got:
-        if got:  # else another run commits right now: recovery waits for the commit below
-            recover(target)
-    if os.path.lexists(target) and not overwrite:
-        raise _exists(target)
+    _prepare(target, overwrite=overwrite)
     tmp = _make_partial(target)
     lock = fsops.Lock(target)
     try:
@@ -116,20 +111,15 @@ def output_file(out: str | os.PathLike[str], *, overwrite: bool = False, inputs:
     as a directory output), fsynced, and put in place in one step: ``link`` (which never replaces:
     an output that appeared meanwhile raises :class:`~oftmerge.errors.OutputExistsError`) or, with
     ``overwrite``, ``rename`` over an earlier output (a file with oftmerge's metadata, see
-    :func:`check_replaceable_file`). A failed or killed run leaves no file at ``out``.
+    :func:`~oftmerge.engine.guard.check_replaceable_file`). A failed or killed run leaves no file at ``out``.
     """
     target = check_output(out, inputs)
     if target.suffix != suffix:
         raise OftMergeError(f"{target}: the output is one {suffix} file; give a path ending in {suffix} (-o NAME{suffix})")
     if target.is_dir():
         raise OftMergeError(f"{target}: is a directory; the output is one {suffix} file, give its path (-o {target / ('merged' + suffix)})")
-    _make_parent(target.parent)
-    with locked(target, wait=0.0) as got:
-        if got:
-            recover(target)
+    _prepare(target, overwrite=overwrite)
     if os.path.lexists(target):
-        if not overwrite:
-            raise _exists(target)
         check_replaceable_file(target)
     tmp = _make_partial(target)
     try:
@@ -151,19 +141,14 @@ def output_file(out: str | os.PathLike[str], *, overwrite: bool = False, inputs:
         marker(tmp).unlink(missing_ok=True)
 
 
-def check_replaceable_file(target: Path) -> None:
-    """``overwrite`` replaces a file only when it is an earlier output: a safetensors file whose metadata has ``oftmerge``."""
-    from oftmerge.formats.checkpoint import read_safetensors_header
-
-    try:
-        meta = read_safetensors_header(target)[1].get("__metadata__") or {}
-    except Exception:  # noqa: BLE001  (anything unreadable is not an earlier output)
-        meta = {}
-    if os.path.islink(target) or "oftmerge" not in meta:
-        raise OftMergeError(
-            f"{target}: exists and is not an earlier oftmerge output (no 'oftmerge' entry in its safetensors metadata); --overwrite "
-            "replaces only outputs. Remove it yourself if it is meant to go, or choose another output path."
-        )
+def _prepare(target: Path, *, overwrite: bool) -> None:
+    """Before writing ``target``: its parent made, what killed runs left there recovered, an existing output refused unless ``overwrite``."""
+    _make_parent(target.parent)
+    with locked(target, wait=0.0) as got:
+        if got:  # else another run commits right now: recovery waits for the commit
+            recover(target)
+    if os.path.lexists(target) and not overwrite:
+        raise _exists(target)
 
 
 def _make_parent(parent: Path) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from oftmerge.errors import OftMergeError
 
-__all__ = ["Inputs", "check_output", "output_location"]
+__all__ = ["Inputs", "check_output", "check_replaceable_file", "output_location"]
 
 #: (what the input is, its path), e.g. ("input adapter", "adapters/oft-upper")
 Inputs = Iterable[tuple[str, "str | os.PathLike[str]"]]
@@ -96,6 +96,21 @@ def check_replaceable(target: Path) -> None:
         f"{target}: exists and is {what}, not an earlier output; --overwrite replaces only outputs (adapters, models). "
         "Remove it yourself if it is meant to go, or choose another output path."
     )
+
+
+def check_replaceable_file(target: Path) -> None:
+    """``overwrite`` replaces a file only when it is an earlier output: a safetensors file whose metadata has ``oftmerge``."""
+    from oftmerge.formats.checkpoint import read_safetensors_header
+
+    try:
+        meta = read_safetensors_header(target)[1].get("__metadata__") or {}
+    except Exception:  # noqa: BLE001  (anything unreadable is not an earlier output)
+        meta = {}
+    if os.path.islink(target) or "oftmerge" not in meta:
+        raise OftMergeError(
+            f"{target}: exists and is not an earlier oftmerge output (no 'oftmerge' entry in its safetensors metadata); --overwrite "
+            "replaces only outputs. Remove it yourself if it is meant to go, or choose another output path."
+        )
 
 
 def output_location(out: str | os.PathLike[str]) -> Path:

@@ -125,7 +125,6 @@ class DiffusionFormat(Protocol):
 
     name: str
     side: Literal["input", "output"]
-    suffixes: tuple[str, ...]  #: key suffixes of the stored OFT parameter, for detection
 
     def detect(self, keys: Sequence[str]) -> bool: ...
 

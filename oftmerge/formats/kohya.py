@@ -66,7 +66,6 @@ class KohyaFormat:
 
     name = "kohya"
     side: Literal["input", "output"] = "output"
-    suffixes: tuple[str, ...] = (".oft_blocks",)
 
     def detect(self, keys: Sequence[str]) -> bool:
         return any(k.endswith(".oft_blocks") for k in keys) and all(k.startswith(PREFIX) for k in keys)

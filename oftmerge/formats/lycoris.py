@@ -125,7 +125,6 @@ class LycorisFormat:
 
     name = "lycoris"
     side: Literal["input", "output"] = "output"
-    suffixes: tuple[str, ...] = (".oft_blocks",)
 
     def detect(self, keys: Sequence[str]) -> bool:
         return any(k.endswith(".oft_blocks") for k in keys) and not any(k.startswith("oft_unet_") for k in keys)

@@ -49,7 +49,8 @@ say which modules are convolutions. The U-Net's ``conv_in``, ``conv_out``, ``res
 the U-Net are Linear, but ``attentions_*_proj_in`` / ``proj_out`` are 1x1 convolutions in SD 1.x
 and Linear in SD 2.x / SDXL. Those are read in the **Linear** convention and carry
 ``extra["conv"] = None`` (with ``extra["conv_hint"]`` from the metadata where it tells the model):
-a fold must take the sign from the base weight, :func:`base_generator` (negated where it is 4-D). The writer
+a fold must take the sign from the base weight (negated where it is 4-D): :meth:`DiffusionAdapter.fold_rotation`
+(:func:`base_generator` for the generator alone). The writer
 uses the same rule, so a read, merge and write of OneTrainer files is exact for every module.
 
 Written files hold unscaled parameters (``U = triangle(G)``, or of ``-G`` for a convolution) and no
@@ -168,7 +169,6 @@ class OneTrainerFormat:
 
     name = "onetrainer"
     side: Literal["input", "output"] = "input"
-    suffixes: tuple[str, ...] = (".oft_R.weight",)
 
     def detect(self, keys: Sequence[str]) -> bool:
         return any(k.endswith(".oft_R.weight") for k in keys) and not any(k.endswith(".oft_blocks") for k in keys)

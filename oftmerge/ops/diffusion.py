@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from oftmerge.engine.commit import output_file
+from oftmerge.engine.guard import output_location
 from oftmerge.engine.model import report_progress
 from oftmerge.engine.threads import torch_threads
 from oftmerge.errors import IncompatibleAdaptersError, NumericalError, OftMergeError
@@ -103,7 +104,7 @@ class DiffusionMergeResult:
             "weights": self.weights,
             "scale": self.scale,
             "inputs": self.inputs,
-            "constraint": "off: the written alpha leaves every merged generator unchanged",
+            "constraint": "not reached: every written alpha is above its module's ||Q||_F, so no loader clamps the merged generator",
             "warnings": self.warnings,
         }
 
@@ -132,7 +133,7 @@ class DiffusionMergeResult:
         inputs = [("input file", inp["path"]) for inp in self.inputs]
         with output_file(out, overwrite=overwrite, inputs=inputs) as tmp:
             save_file(self.tensors, str(tmp), metadata=self.metadata)
-            self.saved_to = Path(os.path.realpath(os.path.dirname(os.path.abspath(out)))) / Path(out).name
+            self.saved_to = output_location(out)
         return self.saved_to
 
 

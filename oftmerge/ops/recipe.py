@@ -27,6 +27,7 @@ its output as ``oftmerge.yaml`` beside ``oftmerge.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Mapping
@@ -102,7 +103,7 @@ def recipe_for(command: str, config: MergeConfig | FoldConfig | DecoupleConfig, 
     """The recipe of a command that ran: its config, ``run`` options, and the inputs' fingerprints."""
     recipe = Recipe(command, config, {k: getattr(run, k) for k in RUN_KEYS}, None if output is None else os.fspath(output))
     inputs = {p: h for p in recipe.input_paths() if (h := fingerprint(p)) is not None}
-    return Recipe(recipe.command, recipe.config, recipe.run, recipe.output, inputs)
+    return dataclasses.replace(recipe, inputs=inputs)
 
 
 def _lines(text: str) -> dict[tuple[str, ...], int]:
